@@ -1,0 +1,151 @@
+"""The `mars` command line: `mars sim`, `mars costmodel`, `mars policies`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mars.core.errors import UsageError
+from mars.sched.registry import policy_names
+from mars.sim.costmodel import GPUS, MODELS
+from mars.sim.costmodel_cli import (
+    add_costmodel_parser,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_costmodel,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line (no usage dump), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mars", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_sim(sub)
+    add_costmodel_parser(sub)
+    sub.add_parser("policies", help="list the scheduling policies")
+    return parser
+
+
+def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sim",
+        help="simulate agent sessions from a trace file under one policy",
+        description="Simulate agent sessions from a trace file on a simulated GPU and CPU pool.",
+    )
+    p.add_argument("--traces", required=True, help="trace file (JSONL, ../shared/traces format)")
+    p.add_argument("--policy", required=True, help="scheduling policy (see `mars policies`)")
+    p.add_argument("--gpu", default="h100", help=f"one of {', '.join(sorted(GPUS))}")
+    p.add_argument(
+        "--model", default="qwen3-coder-30b-a3b",
+        help=f"one of {', '.join(sorted(MODELS))}, or a model shape JSON file",
+    )
+    p.add_argument("--tool-cores", type=positive_int, default=8, help="CPU cores for tools")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=positive_float, help="open loop: sessions arriving per second")
+    load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
+    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument("--sessions", type=positive_int, help="seeded sample of N sessions (default all)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--tool-stats", help="tool-duration quantile table replacing the built-in one")
+    p.add_argument("--token-scale", type=positive_float, default=1.0)
+    p.add_argument("--time-scale", type=positive_float, default=1.0)
+    p.add_argument("--kv-scale", type=positive_float, default=1.0, help="multiply KV capacity")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from mars.sim.experiment import SimSpec, load_specs, run_experiment
+
+    if args.policy not in policy_names():
+        raise UsageError(
+            f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
+        )
+    spec = SimSpec(
+        traces=args.traces, policy=args.policy, gpu=args.gpu, model=args.model,
+        tool_cores=args.tool_cores, rate=args.rate, arrival=args.arrival,
+        concurrency=args.concurrency, sessions=args.sessions, seed=args.seed,
+        tool_stats=args.tool_stats, token_scale=args.token_scale, time_scale=args.time_scale,
+        kv_scale=args.kv_scale,
+    )
+    from mars.sim.experiment import make_cost_model
+
+    make_cost_model(spec)  # fail fast on a bad GPU/model before reading traces
+    if args.json_out:
+        _check_writable(args.json_out)
+    specs = load_specs(spec)
+    bar = _progress(len(specs), enabled=not args.no_progress)
+    result = run_experiment(spec, specs, progress=(lambda _r: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    print(format_summary(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"result JSON written to {args.json_out}")
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"--json {path}: directory {parent} does not exist")
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="session", desc="simulating", file=sys.stderr)
+
+
+def format_summary(r: dict[str, Any]) -> str:
+    lat, slow, good, thr, kv = r["latency_s"], r["slowdown"], r["goodput"], r["throughput"], r["kv"]
+    w = r["workload"]
+    load = f"rate {w['rate']}/s ({w['arrival']})" if w["rate"] else f"concurrency {w['concurrency']}"
+    lines = [
+        f"policy {r['policy']} | {w['gpu']} | {w['model']} | {load} | seed {w['seed']}",
+        f"sessions {r['sessions']}  completed {r['completed']}  rejected {r['rejected']}  "
+        f"(simulated {r['sim_time_s']:.0f} s in {r['wall_s']:.1f} s wall)",
+        f"latency s     mean {lat['mean']:9.1f}  p50 {lat['p50']:9.1f}  p90 {lat['p90']:9.1f}  "
+        f"p95 {lat['p95']:9.1f}  p99 {lat['p99']:9.1f}",
+        f"slowdown      mean {slow['mean']:9.2f}  p50 {slow['p50']:9.2f}  p95 {slow['p95']:9.2f}  "
+        f"p99 {slow['p99']:9.2f}",
+        f"goodput       {good['fraction']:.1%} within {good['alpha']:g}x ideal, "
+        f"{good['per_s']:.4f} sessions/s",
+        f"throughput    {thr['sessions_per_s']:.4f} sessions/s (steady "
+        f"{thr['steady_sessions_per_s']:.4f}), {thr['output_tokens_per_s']:.0f} output tokens/s",
+        f"kv            hit rate {kv['hit_rate']:.1%} (appending histories allow "
+        f"{kv['reusable_rate']:.1%}), recomputed {kv['recomputed_prefill_tokens']} tokens, "
+        f"{kv['preemptions']} preemptions, {kv['evictions']} evictions",
+        f"cpu           tool-core utilisation {r['cpu']['utilization']:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "sim":
+            return run_sim(args)
+        if args.command == "costmodel":
+            return run_costmodel(args)
+        print("\n".join(policy_names()))
+        return 0
+    except UsageError as e:
+        print(f"mars: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mars: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,2 @@
+class UsageError(Exception):
+    """Bad user input: the message says what to fix."""

@@ -1,0 +1,95 @@
+"""The `Policy` seam: every scheduling decision is a call on one object.
+
+A policy owns: the order of waiting and running requests, the prefill chunk size, the preemption
+victim, what happens to a session's KV when its turn ends, and the control plane's admission
+verdict. It learns online from the event bus and from `Session` objects, which only hold the past.
+`BasePolicy` gives vLLM's defaults; policies override what they change.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mars.core.clock import Clock
+from mars.core.events import EventBus
+from mars.core.request import Request
+from mars.core.session import Session
+from mars.kv.manager import KVManager, Retention
+
+
+class Admission(enum.IntEnum):
+    ADMIT = 0
+    DEFER = 1  # stay in the control plane's queue and ask again later
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy may observe. Handed over once by the engine before the first step."""
+
+    clock: Clock
+    bus: EventBus
+    kv: KVManager
+    sessions: dict[str, Session]  # admitted and queued sessions, by id (past only)
+    max_num_batched_tokens: int
+
+
+class Policy(Protocol):
+    name: str
+    # True when nothing the policy decides can change during a stretch of pure decode steps
+    # with an empty waiting queue, so the simulator may advance that stretch in one event.
+    fast_forward_ok: bool
+
+    def bind(self, ctx: PolicyContext) -> None: ...
+
+    def order_waiting(self, waiting: Sequence[Request]) -> Sequence[Request]: ...
+
+    def order_running(self, running: Sequence[Request]) -> Sequence[Request]: ...
+
+    def chunk_tokens(self, req: Request, budget: int) -> int: ...
+
+    def pick_victim(self, running: Sequence[Request], needed_by: Request) -> Request | None: ...
+
+    def stop_after_failure(self) -> bool: ...
+
+    def retention(self, session: Session, req: Request) -> Retention: ...
+
+    def admit(self, session: Session) -> Admission: ...
+
+
+class BasePolicy:
+    """vLLM V1 behaviour, decision by decision; subclasses override the ones they change."""
+
+    name = "base"
+    fast_forward_ok = True
+
+    def __init__(self) -> None:
+        self.ctx: PolicyContext | None = None
+
+    def bind(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    def order_waiting(self, waiting: Sequence[Request]) -> Sequence[Request]:
+        return waiting
+
+    def order_running(self, running: Sequence[Request]) -> Sequence[Request]:
+        return running
+
+    def chunk_tokens(self, req: Request, budget: int) -> int:
+        return budget
+
+    def pick_victim(self, running: Sequence[Request], needed_by: Request) -> Request | None:
+        # vLLM FCFS: `self.running.pop()`, the most recently scheduled request.
+        return running[-1] if running else None
+
+    def stop_after_failure(self) -> bool:
+        # vLLM stops filling the batch at the first waiting request that does not fit.
+        return True
+
+    def retention(self, session: Session, req: Request) -> Retention:
+        return Retention.DROP
+
+    def admit(self, session: Session) -> Admission:
+        return Admission.ADMIT

@@ -1,0 +1,263 @@
+"""Continuous batching with chunked prefill under a per-step token budget (vLLM V1's loop).
+
+`schedule()` builds a `StepPlan`: running requests first (decode tokens and prefill chunks), then
+waiting ones while budget, sequence slots and KV last; `update()` applies a `StepResult`. Every
+choice (order, chunk, victim, retention) is a call on the `Policy`; nothing here names a policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mars.core.clock import Clock
+from mars.core.events import EventBus, GpuEnd, GpuFirstToken, GpuPreempt, GpuSubmit, RequestEmit
+from mars.core.request import Request, RequestStatus
+from mars.core.session import Session
+from mars.kv.manager import KVManager
+from mars.sched.plan import StepPlan, StepResult
+from mars.sched.policy import Policy, PolicyContext
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 8192  # per-step token budget (vLLM's chunked-prefill default)
+    max_num_seqs: int = 256  # running requests at most (vLLM's default)
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError(f"bad scheduler config {self}")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        policy: Policy,
+        kv: KVManager,
+        clock: Clock,
+        bus: EventBus,
+        sessions: dict[str, Session] | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.kv = kv
+        self.clock = clock
+        self.bus = bus
+        self.sessions: dict[str, Session] = {} if sessions is None else sessions
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._next_step = 0
+        self._lost: dict[str, int] = {}  # request id -> computed tokens lost at its preemption
+        # Totals for metrics: prompt tokens at first schedule, of them served from cache, and
+        # tokens computed a second time (after a preemption or an evicted session cache).
+        self.prompt_tokens = self.hit_tokens = self.recomputed_tokens = 0
+        self.num_preemptions = 0
+        policy.bind(PolicyContext(clock, bus, kv, self.sessions, config.max_num_batched_tokens))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+        if self.bus.wants(RequestEmit):
+            self.bus.publish(
+                RequestEmit(
+                    self.clock.now(), req.session_id, req.request_id, req.num_prompt_tokens,
+                    req.reuse_tokens,
+                )
+            )
+
+    # ---- schedule -------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(self._next_step)
+        self._next_step += 1
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        if not plan.preempted:
+            self._schedule_waiting(plan, budget)
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+        policy, kv = self.policy, self.kv
+        for req in list(policy.order_running(self.running)):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = req.num_tokens - req.num_computed_tokens
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                n = min(n, policy.chunk_tokens(req, budget))
+            n = min(n, budget)
+            while n > 0 and kv.allocate(req, n) is None:
+                victim = policy.pick_victim(self.running, req)
+                if victim is None:
+                    n = 0
+                    break
+                if victim in plan.requests:
+                    budget += plan.remove(victim)
+                self._preempt(victim, plan)
+                if victim is req:
+                    n = 0
+            if n > 0:
+                plan.add(req, n)
+                budget -= n
+        return budget
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+        policy, kv, now = self.policy, self.kv, self.clock.now()
+        started: list[Request] = []
+        for req in policy.order_waiting(self.waiting):
+            if budget <= 0 or len(self.running) + len(started) >= self.config.max_num_seqs:
+                break
+            limit = min(budget, policy.chunk_tokens(req, budget))
+            start = kv.start(req, limit)
+            if start is None:
+                if policy.stop_after_failure():
+                    break
+                continue
+            cached = start.hit.gpu_tokens + start.hit.host_tokens
+            lost = self._lost.pop(req.request_id, None)
+            if lost is None:  # first schedule of this call
+                req.num_cached_tokens = cached
+                req.first_scheduled_time = now
+                self.prompt_tokens += req.num_prompt_tokens
+                self.hit_tokens += cached
+                recomputed = req.reuse_tokens - cached
+            else:
+                recomputed = lost - cached
+            if recomputed > 0:
+                req.num_recomputed_tokens += recomputed
+                self.recomputed_tokens += recomputed
+            if start.hit.host_tokens:
+                plan.restores.append((req, start.hit.host_tokens))
+            # Context excludes the restored tokens' recompute but the step reads them.
+            plan.add(req, start.num_new_tokens)
+            budget -= start.num_new_tokens
+            started.append(req)
+            if self.bus.wants(GpuSubmit):
+                self.bus.publish(GpuSubmit(now, req.session_id, req.request_id, cached))
+        if started:
+            ids = {id(r) for r in started}
+            self.waiting = [r for r in self.waiting if id(r) not in ids]
+            for req in started:
+                req.status = RequestStatus.RUNNING
+            self.running.extend(started)
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        """Recompute preemption (vLLM V1): free the KV, back to the front of the queue."""
+        self.running.remove(req)
+        self.kv.free(req)
+        self._lost[req.request_id] = req.num_computed_tokens
+        if self.bus.wants(GpuPreempt):
+            self.bus.publish(
+                GpuPreempt(self.clock.now(), req.session_id, req.request_id, req.num_computed_tokens)
+            )
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, req)
+        plan.preempted.append(req)
+
+    # ---- update ---------------------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply a finished step; return the requests that finished in it."""
+        now = self.clock.now()
+        finished: list[Request] = []
+        token_ids = result.token_ids
+        for i, req in enumerate(plan.requests):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += plan.num_new_tokens[i]
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # mid-prefill: nothing sampled
+            req.num_output_tokens += 1
+            if token_ids is not None:
+                tok = token_ids[i]
+                if tok is not None:
+                    req.output_token_ids.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+                if self.bus.wants(GpuFirstToken):
+                    self.bus.publish(GpuFirstToken(now, req.session_id, req.request_id))
+            if req.request_id in result.stopped:
+                self._finish(req, RequestStatus.FINISHED_STOPPED, now)
+                finished.append(req)
+            elif req.num_output_tokens >= req.max_tokens:
+                self._finish(req, RequestStatus.FINISHED_LENGTH, now)
+                finished.append(req)
+        if finished:
+            done = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in done]
+        return finished
+
+    def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
+        req.status = status
+        req.finish_time = now
+        session = self.sessions.get(req.session_id)
+        if session is not None and status is not RequestStatus.FINISHED_ABORTED:
+            self.kv.finish(req, self.policy.retention(session, req))
+        else:
+            self.kv.free(req)
+        if self.bus.wants(GpuEnd):
+            self.bus.publish(
+                GpuEnd(
+                    now, req.session_id, req.request_id, req.num_output_tokens,
+                    status is RequestStatus.FINISHED_ABORTED,
+                )
+            )
+
+    def abort(self, request_id: str) -> Request | None:
+        """Cancel a request wherever it is (client gone); its KV is freed. None if unknown."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    was_running = req.status is RequestStatus.RUNNING
+                    if was_running:
+                        self._finish(req, RequestStatus.FINISHED_ABORTED, self.clock.now())
+                    else:
+                        req.status = RequestStatus.FINISHED_ABORTED
+                        req.finish_time = self.clock.now()
+                    self._lost.pop(request_id, None)
+                    return req
+        return None
+
+    # ---- decode fast-forward ----------------------------------------------------------------
+    def decode_horizon(self) -> int:
+        """How many next steps are certain to be the same pure-decode batch.
+
+        Nonzero only when every running request is decoding, no waiting request could start
+        (the queue is empty or the sequence limit is reached), the policy's decisions cannot
+        change, and KV has room for every step; the stretch ends with the first finish.
+        """
+        running = self.running
+        if not running or not self.policy.fast_forward_ok:
+            return 0
+        if self.waiting and len(running) < self.config.max_num_seqs:
+            return 0
+        if len(running) > self.config.max_num_batched_tokens:
+            return 0
+        k = min(r.max_tokens - r.num_output_tokens for r in running)
+        if any(r.num_computed_tokens != r.num_tokens - 1 for r in running):
+            return 0
+        free = self.kv.num_free_blocks
+        kv = self.kv
+        while k > 0 and sum(kv.blocks_needed(r, k) for r in running) > free:
+            k //= 2
+        return k
+
+    def advance_decode(self, steps: int) -> list[Request]:
+        """Apply `steps` pure-decode steps at once (the clock is at the end of the last one)."""
+        assert 0 < steps <= self.decode_horizon()
+        self._next_step += steps
+        for req in self.running:
+            blocks = self.kv.allocate(req, steps)
+            assert blocks is not None
+            req.num_computed_tokens += steps - 1
+            req.num_output_tokens += steps - 1
+        plan = StepPlan(self._next_step - 1)
+        for req in self.running:
+            plan.add(req, 1)
+        return self.update(plan, StepResult(plan.step_id, 0.0))

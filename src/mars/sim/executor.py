@@ -1,0 +1,46 @@
+"""The simulator's executor: a step takes what the cost model predicts; no tokens are produced."""
+
+from __future__ import annotations
+
+from mars.sched.plan import StepPlan, StepResult
+from mars.sim.costmodel import StepCostModel
+
+
+class SimExecutor:
+    def __init__(self, cost: StepCostModel) -> None:
+        self.cost = cost
+        self.busy_s = 0.0
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        n = len(plan.requests)
+        new = sum(plan.num_new_tokens)
+        ctx = sum(plan.context_lens)
+        pairs = sum(k * c for k, c in zip(plan.num_new_tokens, plan.context_lens, strict=True))
+        dt = self.cost.step_seconds(n, new, attn_pairs(new, pairs, plan.num_new_tokens), ctx + new)
+        for _, tokens in plan.restores:
+            dt += self.cost.transfer_seconds(tokens)
+        self.busy_s += dt
+        return StepResult(plan.step_id, dt)
+
+    def decode_stretch(self, batch: int, context_sum: int, max_steps: int, until: float,
+                       now: float) -> list[float]:
+        """End times of up to `max_steps` pure-decode steps of `batch` requests, stopping before a
+        step would end after `until`. Identical arithmetic to `execute` on the same batches."""
+        ends: list[float] = []
+        t = now
+        for j in range(max_steps):
+            ctx = context_sum + j * batch
+            dt = self.cost.step_seconds(batch, batch, attn_pairs(batch, ctx, None), ctx + batch)
+            if t + dt > until:
+                break
+            t += dt
+            ends.append(t)
+        return ends
+
+
+def attn_pairs(new_tokens: int, new_x_context: int, chunks: list[int] | None) -> int:
+    """Attention query-key pairs of a batch: each new token attends to the context and to the new
+    tokens before it (causal), i.e. sum of new*context + new*(new+1)/2 per request."""
+    if chunks is None:  # all decode: new = 1 per request
+        return new_x_context + new_tokens
+    return new_x_context + sum(k * (k + 1) // 2 for k in chunks)

@@ -1,0 +1,177 @@
+"""One simulated experiment: a trace workload under one policy, with its ideal times and metrics.
+
+Ideal time per session (DESIGN.md section 5) is literally a run of that session alone on an idle
+system with unlimited KV, the same token budget and the same sampled tool durations, under the
+vLLM default policy (so every policy is measured against the same yardstick).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mars.bench.metrics import SessionResult, result_json
+from mars.core.errors import UsageError
+from mars.sched.policies.fcfs import FCFSPolicy
+from mars.sched.registry import make_policy
+from mars.sim.arrivals import arrival_times
+from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
+from mars.sim.run import Arrivals, SessionRecord, SimConfig, Simulation, SimOutcome
+from mars.sim.toolstats import ToolStats
+from mars.sim.workload import SessionSpec, WorkloadConfig, build_workload, load_trajectories
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """Everything `mars sim` takes; frozen and printed into the result JSON."""
+
+    traces: str
+    policy: str = "fcfs"
+    gpu: str = "h100"
+    model: str = "qwen3-coder-30b-a3b"
+    tool_cores: int = 8
+    rate: float | None = None  # sessions/s, open loop
+    arrival: str = "poisson"
+    concurrency: int | None = None  # closed loop
+    sessions: int | None = None
+    seed: int = 0
+    tool_stats: str | None = None
+    token_scale: float = 1.0
+    time_scale: float = 1.0
+    kv_scale: float = 1.0
+    fast_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.rate is None) == (self.concurrency is None):
+            raise UsageError("give exactly one of --rate R (open loop) or --concurrency C")
+        for name in ("rate", "concurrency", "tool_cores", "token_scale", "time_scale", "kv_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def load_specs(spec: SimSpec) -> list[SessionSpec]:
+    if not Path(spec.traces).is_file():
+        raise UsageError(f"trace file {spec.traces!r} not found; pass --traces FILE (JSONL)")
+    stats = ToolStats.from_file(spec.tool_stats) if spec.tool_stats else ToolStats.default()
+    config = WorkloadConfig(spec.sessions, spec.seed, spec.token_scale, spec.time_scale)
+    return build_workload(load_trajectories(spec.traces), config, stats)
+
+
+def make_cost_model(spec: SimSpec) -> CostModel:
+    try:
+        return CostModel(resolve_gpu(spec.gpu), resolve_model(spec.model), spec.kv_scale)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def ideal_times(
+    specs: Sequence[SessionSpec], cost: StepCostModel, config: SimConfig
+) -> dict[str, float]:
+    """Each session alone, idle system, unlimited KV, vLLM default policy."""
+    out: dict[str, float] = {}
+    for s in specs:
+        blocks = -(-s.max_context // config.block_size) + 1
+        alone = replace(config, kv_tokens=blocks * config.block_size, host_kv_tokens=0)
+        unlimited = _UnlimitedContext(cost)
+        outcome = Simulation([s], FCFSPolicy(), unlimited, Arrivals(concurrency=1), alone).run()
+        rec = outcome.records[0]
+        assert rec.latency_s is not None
+        out[s.session_id] = rec.latency_s
+    return out
+
+
+class _UnlimitedContext:
+    """The cost model with no context limit (for ideal runs of sessions the model would reject)."""
+
+    def __init__(self, cost: StepCostModel) -> None:
+        self._cost = cost
+        self.kv_capacity_tokens = 1 << 62
+        self.max_model_len = 1 << 62
+        self.predict = cost.predict
+        self.predict_totals = cost.predict_totals
+        self.step_seconds = cost.step_seconds
+        self.transfer_seconds = cost.transfer_seconds
+
+
+def run_experiment(
+    spec: SimSpec,
+    specs: Sequence[SessionSpec] | None = None,
+    progress: Callable[[SessionRecord], None] | None = None,
+    ideal: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Run `spec` and return the result JSON (DESIGN.md section 5)."""
+    t0 = time.perf_counter()
+    if specs is None:
+        specs = load_specs(spec)
+    cost = make_cost_model(spec)
+    policy = make_policy(spec.policy)
+    config = SimConfig(tool_cores=spec.tool_cores, fast_forward=spec.fast_forward)
+    if spec.rate is not None:
+        if spec.arrival not in ("poisson", "fixed"):
+            raise UsageError(f"unknown --arrival {spec.arrival!r}; valid: poisson, fixed")
+        arrivals = Arrivals(tuple(arrival_times(len(specs), rate=spec.rate, kind=spec.arrival,
+                                                seed=spec.seed)))
+    else:
+        assert spec.concurrency is not None
+        arrivals = Arrivals(concurrency=spec.concurrency)
+    outcome = Simulation(specs, policy, cost, arrivals, config, on_session_done=progress).run()
+    if ideal is None:
+        ideal = ideal_times([s for s in specs if _fits(s, cost)], cost, config)
+    return _result(spec, specs, outcome, ideal, cost, time.perf_counter() - t0)
+
+
+def _fits(s: SessionSpec, cost: StepCostModel) -> bool:
+    return s.max_context <= min(cost.max_model_len, cost.kv_capacity_tokens)
+
+
+def _result(
+    spec: SimSpec,
+    specs: Sequence[SessionSpec],
+    out: SimOutcome,
+    ideal: dict[str, float],
+    cost: CostModel,
+    wall_s: float,
+) -> dict[str, Any]:
+    sessions = [
+        SessionResult(r.session_id, r.arrival_s, r.done_s, ideal.get(r.session_id),
+                      r.output_tokens, r.rejected)
+        for r in out.records
+    ]
+    span = out.end_time or 1.0
+    kv = {
+        "recomputed_prefill_tokens": out.recomputed_tokens,
+        "hit_rate": out.hit_tokens / out.prompt_tokens if out.prompt_tokens else 0.0,
+        "reusable_rate": (
+            sum(s.total_reuse_tokens for s in specs) / max(1, sum(s.total_prompt_tokens
+                                                                  for s in specs))
+        ),
+        "evictions": out.evictions,
+        "offloads": out.offloads,
+        "restores": out.restores,
+        "preemptions": out.preemptions,
+        "capacity_tokens": out.kv_blocks * SimConfig().block_size,
+        "mean_usage": (
+            sum(u for _, u in out.kv_usage) / len(out.kv_usage) if out.kv_usage else 0.0
+        ),
+    }
+    cpu = {
+        "mean_tool_queue_wait_s": 0.0,
+        "utilization": out.tool_busy_core_s / (out.tool_cores * span),
+        "cores": out.tool_cores,
+    }
+    workload = asdict(spec)
+    workload["sessions_in_workload"] = len(specs)
+    return result_json(
+        policy=spec.policy, executor="sim", workload=workload, sessions=sessions, kv=kv, cpu=cpu,
+        wall_s=wall_s,
+        extra={
+            "gpu": {"name": cost.gpu.name, "busy_fraction": out.gpu_busy_s / span,
+                    "steps": out.steps},
+            "sim_time_s": out.end_time,
+            "kv_usage_over_time": [[round(t, 3), round(u, 4)] for t, u in out.kv_usage[::8]],
+        },
+    )

@@ -1,0 +1,363 @@
+"""The discrete-event simulator: agent sessions from traces on a simulated GPU and CPU pool.
+
+The loop is the engine loop (admit -> schedule -> execute -> update -> publish) on a `SimClock`;
+the scheduler, KV manager and policy are the same objects a live engine uses. The heap key is
+`(time, priority, seq)`: at equal times a step end is applied before tool ends, tool ends before
+arrivals, and only then does the engine start its next step, so work that appears at the instant
+a step ends joins the next step. Stretches of pure decode with nothing else due advance in one
+event (`fast_forward`); a test checks they decide exactly as step-by-step runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mars.core.clock import SimClock
+from mars.core.events import (
+    EventBus,
+    SessionAdmitted,
+    SessionArrived,
+    SessionDone,
+    ToolEnd,
+    ToolStart,
+)
+from mars.core.request import Request
+from mars.core.session import Session, SessionStatus, ToolCall, Turn
+from mars.kv.manager import KVConfig, KVManager
+from mars.sched.plan import StepPlan, StepResult
+from mars.sched.policy import Admission, Policy
+from mars.sched.scheduler import Scheduler, SchedulerConfig
+from mars.sim.costmodel import StepCostModel
+from mars.sim.executor import SimExecutor
+from mars.sim.tools import ProcessorSharing
+from mars.sim.workload import SessionSpec
+
+
+class _Ev(enum.IntEnum):
+    """Event kinds; the value is the tie-break priority at equal times."""
+
+    STEP_END = 0
+    TOOL_END = 1
+    HEAVY_TOOLS = 2
+    ARRIVAL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    tool_cores: int = 8  # CPU cores for tools (the paper's testbed)
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    host_kv_tokens: int = 0  # host memory for offloaded KV, in tokens
+    kv_tokens: int | None = None  # KV capacity override; None = the cost model's capacity
+    fast_forward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tool_cores < 1:
+            raise ValueError("tool_cores must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Arrivals:
+    """Open loop (sessions arrive at `times`) or closed loop (`concurrency` always in flight)."""
+
+    times: tuple[float, ...] = ()
+    concurrency: int = 0
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    session_id: str
+    traj_id: str
+    arrival_s: float
+    admitted_s: float | None = None
+    done_s: float | None = None
+    rejected: bool = False
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    turns: int = 0
+    tool_s: float = 0.0  # nominal tool time
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.done_s is None else self.done_s - self.arrival_s
+
+
+@dataclass(slots=True)
+class SimOutcome:
+    records: list[SessionRecord]
+    end_time: float
+    steps: int
+    gpu_busy_s: float
+    tool_busy_core_s: float
+    tool_cores: int
+    prompt_tokens: int
+    hit_tokens: int
+    recomputed_tokens: int
+    preemptions: int
+    evictions: int
+    offloads: int
+    restores: int
+    kv_blocks: int
+    kv_usage: list[tuple[float, float]] = field(default_factory=list)
+
+
+class _Agent:
+    """Replays one session spec: emits its calls in order and runs its tools."""
+
+    __slots__ = ("record", "session", "spec", "tool_index", "turn_index")
+
+    def __init__(self, spec: SessionSpec, session: Session, record: SessionRecord) -> None:
+        self.spec, self.session, self.record = spec, session, record
+        self.turn_index = 0
+        self.tool_index = 0
+
+
+class Simulation:
+    def __init__(
+        self,
+        specs: Sequence[SessionSpec],
+        policy: Policy,
+        cost: StepCostModel,
+        arrivals: Arrivals,
+        config: SimConfig = SimConfig(),
+        bus: EventBus | None = None,
+        on_session_done: Callable[[SessionRecord], None] | None = None,
+    ) -> None:
+        self.specs = list(specs)
+        self.config = config
+        self.clock = SimClock()
+        self.bus = bus or EventBus()
+        kv_tokens = config.kv_tokens if config.kv_tokens is not None else cost.kv_capacity_tokens
+        self.kv_capacity_tokens = kv_tokens
+        self.max_model_len = cost.max_model_len
+        self.kv = KVManager(
+            KVConfig(max(1, kv_tokens // config.block_size), config.block_size,
+                     config.host_kv_tokens),
+            self.clock, self.bus,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
+            policy, self.kv, self.clock, self.bus, self.sessions,
+        )
+        self.policy = policy
+        self.executor = SimExecutor(cost)
+        self.heavy = ProcessorSharing(config.tool_cores)
+        self._heavy_version = 0
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self._agents: dict[str, _Agent] = {}
+        self._queued: list[Session] = []  # waiting for admission
+        self._next_spec = 0
+        self._busy = False
+        self._plan: StepPlan | None = None
+        self._ff_steps = 0
+        self._steps = 0
+        self._records: list[SessionRecord] = []
+        self._on_done = on_session_done
+        self._arrivals = arrivals
+        self.kv_usage: list[tuple[float, float]] = []
+
+    # ---- event heap -------------------------------------------------------------------------
+    def _push(self, t: float, kind: _Ev, payload: object = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, int(kind), self._seq, payload))
+
+    def run(self) -> SimOutcome:
+        if self._arrivals.concurrency:
+            for _ in range(min(self._arrivals.concurrency, len(self.specs))):
+                self._push(0.0, _Ev.ARRIVAL)
+        else:
+            for t in self._arrivals.times[: len(self.specs)]:
+                self._push(t, _Ev.ARRIVAL)
+        heap = self._heap
+        while heap:
+            t, kind, _, payload = heapq.heappop(heap)
+            self.clock.advance_to(t)
+            self._dispatch(kind, payload)
+            if not self._busy and (not heap or heap[0][0] > t):
+                self._start_step()
+        if self.scheduler.has_work or self._queued:
+            raise RuntimeError(
+                f"simulation stalled at t={self.clock.now():.3f}s with "
+                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
+                f"{len(self._queued)} sessions unadmitted: the policy holds KV nothing can free"
+            )
+        st = self.kv.stats()
+        return SimOutcome(
+            self._records, self.clock.now(), self._steps, self.executor.busy_s,
+            self.heavy.busy_core_s, self.config.tool_cores, self.scheduler.prompt_tokens,
+            self.scheduler.hit_tokens, self.scheduler.recomputed_tokens,
+            self.scheduler.num_preemptions, st.evictions, st.offloads, st.restores,
+            self.kv.num_blocks, self.kv_usage,
+        )
+
+    def _dispatch(self, kind: int, payload: object) -> None:
+        if kind == _Ev.STEP_END:
+            self._end_step()
+        elif kind == _Ev.TOOL_END:
+            assert isinstance(payload, _Agent)
+            self._tool_done(payload)
+        elif kind == _Ev.HEAVY_TOOLS:
+            if payload == self._heavy_version:
+                for agent in self.heavy.pop_finished(self.clock.now()):
+                    assert isinstance(agent, _Agent)
+                    self._tool_done(agent)
+                self._reschedule_heavy()
+        else:
+            self._arrive()
+
+    # ---- engine -----------------------------------------------------------------------------
+    def _start_step(self) -> None:
+        sched, now = self.scheduler, self.clock.now()
+        if not sched.has_work:
+            return
+        if self.config.fast_forward:
+            horizon = sched.decode_horizon()
+            if horizon >= 2:
+                until = self._heap[0][0] if self._heap else float("inf")
+                batch = len(sched.running)
+                ctx = sum(r.num_computed_tokens for r in sched.running)
+                ends = self.executor.decode_stretch(batch, ctx, horizon, until, now)
+                if len(ends) >= 2:
+                    self.executor.busy_s += ends[-1] - now
+                    self._ff_steps = len(ends)
+                    self._busy = True
+                    self._push(ends[-1], _Ev.STEP_END)
+                    return
+        plan = sched.schedule()
+        if plan.is_empty:
+            return
+        result = self.executor.execute(plan)
+        self._plan, self._busy = plan, True
+        self._push(now + result.duration_s, _Ev.STEP_END, result)
+
+    def _end_step(self) -> None:
+        self._busy = False
+        if self._ff_steps:
+            finished = self.scheduler.advance_decode(self._ff_steps)
+            self._steps += self._ff_steps
+            self._ff_steps = 0
+        else:
+            plan, self._plan = self._plan, None
+            assert plan is not None
+            finished = self.scheduler.update(plan, StepResult(plan.step_id, 0.0))
+            self._steps += 1
+        if self._steps % 64 == 0 or finished:
+            self.kv_usage.append((self.clock.now(), self.kv.usage))
+        for req in finished:
+            self._turn_done(self._agents[req.session_id])
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def _arrive(self) -> None:
+        if self._next_spec >= len(self.specs):
+            return
+        spec = self.specs[self._next_spec]
+        self._next_spec += 1
+        now = self.clock.now()
+        session = Session(spec.session_id, now, first_prompt_tokens=spec.turns[0].prompt_tokens)
+        record = SessionRecord(
+            spec.session_id, spec.traj_id, now, turns=len(spec.turns),
+            output_tokens=sum(t.output_tokens for t in spec.turns),
+            prompt_tokens=sum(t.prompt_tokens for t in spec.turns),
+            tool_s=sum(t.tool_time_s for t in spec.turns),
+        )
+        self._records.append(record)
+        self.bus.publish(SessionArrived(now, spec.session_id))
+        if spec.max_context > min(self.max_model_len, self.kv_capacity_tokens):
+            session.status = SessionStatus.REJECTED
+            record.rejected = True
+            self.bus.publish(SessionDone(now, spec.session_id, 0.0, rejected=True))
+            self._session_ended()
+            return
+        self.sessions[spec.session_id] = session
+        self._agents[spec.session_id] = _Agent(spec, session, record)
+        self._queued.append(session)
+        self._admit()
+
+    def _admit(self) -> None:
+        """Ask the policy about queued sessions, in arrival order."""
+        still: list[Session] = []
+        for session in self._queued:
+            if self.policy.admit(session) is Admission.ADMIT:
+                now = self.clock.now()
+                session.admitted_time = now
+                self._agents[session.session_id].record.admitted_s = now
+                self.bus.publish(SessionAdmitted(now, session.session_id, now - session.arrival_time))
+                self._emit(self._agents[session.session_id])
+            else:
+                still.append(session)
+        self._queued = still
+
+    def _emit(self, agent: _Agent) -> None:
+        turn = agent.spec.turns[agent.turn_index]
+        session = agent.session
+        req = Request(
+            f"{session.session_id}-{agent.turn_index}", session.session_id, turn.prompt_tokens,
+            turn.output_tokens, turn.reuse_tokens, self.clock.now(), agent.turn_index,
+        )
+        session.turns.append(Turn(req))
+        session.status = SessionStatus.LLM
+        self.scheduler.add_request(req)
+
+    def _turn_done(self, agent: _Agent) -> None:
+        agent.tool_index = 0
+        self._next_tool(agent)
+
+    def _next_tool(self, agent: _Agent) -> None:
+        turn = agent.spec.turns[agent.turn_index]
+        if agent.tool_index < len(turn.tools):
+            tool = turn.tools[agent.tool_index]
+            now = self.clock.now()
+            agent.session.status = SessionStatus.TOOL
+            agent.session.turns[-1].tools.append(ToolCall(tool.category, tool.cpu_heavy, now))
+            self.bus.publish(ToolStart(now, agent.session.session_id, tool.category))
+            if tool.cpu_heavy:
+                self.heavy.add(agent, tool.duration_s, now)
+                self._reschedule_heavy()
+            else:
+                self._push(now + tool.duration_s, _Ev.TOOL_END, agent)
+            return
+        agent.turn_index += 1
+        if agent.turn_index < len(agent.spec.turns):
+            self._emit(agent)
+        else:
+            self._finish_session(agent)
+
+    def _tool_done(self, agent: _Agent) -> None:
+        now = self.clock.now()
+        call = agent.session.turns[-1].tools[-1]
+        call.end_time = now
+        self.bus.publish(ToolEnd(now, agent.session.session_id, call.category,
+                                 now - call.start_time, 0.0))
+        agent.tool_index += 1
+        self._next_tool(agent)
+
+    def _reschedule_heavy(self) -> None:
+        self._heavy_version += 1
+        t = self.heavy.next_finish()
+        if t is not None:
+            self._push(max(t, self.clock.now()), _Ev.HEAVY_TOOLS, self._heavy_version)
+
+    def _finish_session(self, agent: _Agent) -> None:
+        now = self.clock.now()
+        session = agent.session
+        session.status, session.done_time = SessionStatus.DONE, now
+        agent.record.done_s = now
+        self.kv.end_session(session.session_id)
+        del self._agents[session.session_id]
+        del self.sessions[session.session_id]
+        self.bus.publish(SessionDone(now, session.session_id, now - session.arrival_time))
+        if self._on_done is not None:
+            self._on_done(agent.record)
+        self._session_ended()
+
+    def _session_ended(self) -> None:
+        if self._arrivals.concurrency:
+            self._push(self.clock.now(), _Ev.ARRIVAL)
+        if self._queued:
+            self._admit()

@@ -1,0 +1,61 @@
+"""Tool execution on N simulated CPU cores.
+
+`cpu_heavy` tools (tests, builds, running Python) are processor-sharing jobs: with n of them on N
+cores each advances at min(1, N/n) seconds of work per second, so oversubscription stretches all
+of them. Light tools (views, edits, searches) take their duration and use no core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Job:
+    key: object
+    remaining_s: float  # seconds of work left at full speed on one core
+
+
+class ProcessorSharing:
+    def __init__(self, cores: int) -> None:
+        if cores < 1:
+            raise ValueError("tool cores must be at least 1")
+        self.cores = cores
+        self._jobs: list[_Job] = []
+        self._t = 0.0
+        self.busy_core_s = 0.0  # integral of cores in use, for utilisation
+
+    @property
+    def num_jobs(self) -> int:
+        return len(self._jobs)
+
+    def _rate(self) -> float:
+        n = len(self._jobs)
+        return 1.0 if n <= self.cores else self.cores / n
+
+    def advance(self, now: float) -> None:
+        dt = now - self._t
+        if dt > 0 and self._jobs:
+            done = dt * self._rate()
+            for job in self._jobs:
+                job.remaining_s -= done
+            self.busy_core_s += dt * min(len(self._jobs), self.cores)
+        self._t = max(self._t, now)
+
+    def add(self, key: object, work_s: float, now: float) -> None:
+        self.advance(now)
+        self._jobs.append(_Job(key, work_s))
+
+    def next_finish(self) -> float | None:
+        """Time the next job completes if nothing else arrives."""
+        if not self._jobs:
+            return None
+        least = min(job.remaining_s for job in self._jobs)
+        return self._t + max(0.0, least) / self._rate()
+
+    def pop_finished(self, now: float, eps: float = 1e-9) -> list[object]:
+        self.advance(now)
+        done = [job.key for job in self._jobs if job.remaining_s <= eps]
+        if done:
+            self._jobs = [job for job in self._jobs if job.remaining_s > eps]
+        return done

@@ -1,0 +1,113 @@
+"""Property tests of the KV manager: no block leaked or double-freed, and a prefix hit only ever
+serves KV that was computed for exactly the same tokens of the same session."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from mars.core.clock import SimClock
+from mars.core.request import Request
+from mars.kv.manager import KVBlocks, KVConfig, KVManager, Retention
+
+BS = 4
+_fresh = itertools.count(1)
+
+
+class KVMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv = KVManager(KVConfig(num_blocks=24, block_size=BS, host_capacity_tokens=40),
+                            SimClock())
+        self.seq: dict[str, list[int]] = {}  # session -> token ids of its latest sequence
+        self.running: dict[str, tuple[Request, list[int]]] = {}
+        self.content: dict[int, dict[int, int]] = {}  # block -> offset -> token id written
+        self.turn = itertools.count()
+
+    def _blocks(self, sid: str) -> list[int]:
+        chain = self.kv._chains[sid]
+        assert isinstance(chain, KVBlocks)
+        return chain.blocks
+
+    def _check_served(self, req: Request, tokens: list[int], upto: int) -> None:
+        blocks = self._blocks(req.session_id)
+        for pos in range(upto):
+            written = self.content.get(blocks[pos // BS], {}).get(pos % BS)
+            assert written == tokens[pos], (
+                f"{req.session_id} served token {written} at {pos}, wanted {tokens[pos]}"
+            )
+
+    def _write(self, req: Request, tokens: list[int], start: int, n: int) -> None:
+        blocks = self._blocks(req.session_id)
+        for pos in range(start, start + n):
+            self.content.setdefault(blocks[pos // BS], {})[pos % BS] = tokens[pos]
+
+    @rule(sid=st.sampled_from(["a", "b", "c", "d"]), keep=st.floats(0, 1),
+          new=st.integers(1, 30), out=st.integers(1, 6), limit=st.integers(1, 40),
+          restore=st.booleans())
+    def start_call(self, sid: str, keep: float, new: int, out: int, limit: int,
+                   restore: bool) -> None:
+        if sid in self.running:
+            return
+        prev = self.seq.get(sid, [])
+        reuse = int(len(prev) * keep)  # keep < 1: the history was rewritten
+        tokens = prev[:reuse] + [next(_fresh) for _ in range(new)]
+        req = Request(f"{sid}-{next(self.turn)}", sid, len(tokens), out, reuse, 0.0)
+        start = self.kv.start(req, limit, restore=restore)
+        if start is None:
+            return
+        cached = start.hit.gpu_tokens + start.hit.host_tokens
+        assert cached <= reuse and cached % BS == 0
+        # Restored tokens come back from the host copy: the executor writes them.
+        self._write(req, tokens, start.hit.gpu_tokens, start.hit.host_tokens)
+        self._check_served(req, tokens, cached)
+        self._write(req, tokens, cached, start.num_new_tokens)
+        req.num_computed_tokens = cached + start.num_new_tokens
+        self.running[sid] = (req, tokens)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), n=st.integers(1, 12))
+    def step(self, data: st.DataObject, n: int) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.running)))
+        req, tokens = self.running[sid]
+        if req.num_computed_tokens == req.num_tokens:  # sample one token first
+            tokens.append(next(_fresh))
+            req.num_output_tokens += 1
+        n = min(n, req.num_tokens - req.num_computed_tokens)
+        if self.kv.allocate(req, n) is None:
+            return
+        self._write(req, tokens, req.num_computed_tokens, n)
+        req.num_computed_tokens += n
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), how=st.sampled_from(list(Retention) + ["preempt"]))
+    def stop(self, data: st.DataObject, how: Retention | str) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.running)))
+        req, tokens = self.running.pop(sid)
+        if how == "preempt":
+            self.kv.free(req)
+            return
+        assert isinstance(how, Retention)
+        self.kv.finish(req, how)
+        self.seq[sid] = tokens
+
+    @rule(sid=st.sampled_from(["a", "b", "c", "d"]))
+    def unpin(self, sid: str) -> None:
+        self.kv.unpin(sid)
+
+    @rule(sid=st.sampled_from(["a", "b", "c", "d"]))
+    def end_session(self, sid: str) -> None:
+        if sid not in self.running:
+            self.kv.end_session(sid)
+            self.seq.pop(sid, None)
+
+    @invariant()
+    def integrity(self) -> None:
+        self.kv.check_integrity()
+
+
+KVMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+TestKVProperties = KVMachine.TestCase
