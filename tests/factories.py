@@ -11,8 +11,8 @@ from mars.core.events import EventBus
 from mars.core.request import Request
 from mars.core.session import Session, Turn
 from mars.kv.manager import KVConfig, KVManager
-from mars.sched.policy import Policy
 from mars.sched.policies.fcfs import FCFSPolicy
+from mars.sched.policy import Policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
 from mars.sim.workload import SessionSpec, ToolSpec, TurnSpec
 
@@ -80,8 +80,11 @@ def make_spec(
     """Turns as (prompt, output, reuse, tool seconds after it; < 0 for none)."""
     out = []
     for prompt, output, reuse, tool_s in turns:
-        tools = () if tool_s < 0 else (ToolSpec("test" if heavy else "view", heavy, tool_s,
-                                                "measured"),)
+        tools = (
+            ()
+            if tool_s < 0
+            else (ToolSpec("test" if heavy else "view", heavy, tool_s, "measured"),)
+        )
         out.append(TurnSpec(prompt, output, reuse, tools))
     return SessionSpec(sid, f"traj/{sid}", tuple(out))
 

@@ -20,7 +20,7 @@ from mars.sim.costmodel_cli import (
 )
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line (no usage dump), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -28,15 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mars", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="mars", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_sim(sub)
     add_costmodel_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
 
 
-def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "sim",
         help="simulate agent sessions from a trace file under one policy",
@@ -46,7 +46,8 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--policy", required=True, help="scheduling policy (see `mars policies`)")
     p.add_argument("--gpu", default="h100", help=f"one of {', '.join(sorted(GPUS))}")
     p.add_argument(
-        "--model", default="qwen3-coder-30b-a3b",
+        "--model",
+        default="qwen3-coder-30b-a3b",
         help=f"one of {', '.join(sorted(MODELS))}, or a model shape JSON file",
     )
     p.add_argument("--tool-cores", type=positive_int, default=8, help="CPU cores for tools")
@@ -54,7 +55,9 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load.add_argument("--rate", type=positive_float, help="open loop: sessions arriving per second")
     load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
     p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
-    p.add_argument("--sessions", type=positive_int, help="seeded sample of N sessions (default all)")
+    p.add_argument(
+        "--sessions", type=positive_int, help="seeded sample of N sessions (default all)"
+    )
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tool-stats", help="tool-duration quantile table replacing the built-in one")
     p.add_argument("--token-scale", type=positive_float, default=1.0)
@@ -72,10 +75,19 @@ def run_sim(args: argparse.Namespace) -> int:
             f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
         )
     spec = SimSpec(
-        traces=args.traces, policy=args.policy, gpu=args.gpu, model=args.model,
-        tool_cores=args.tool_cores, rate=args.rate, arrival=args.arrival,
-        concurrency=args.concurrency, sessions=args.sessions, seed=args.seed,
-        tool_stats=args.tool_stats, token_scale=args.token_scale, time_scale=args.time_scale,
+        traces=args.traces,
+        policy=args.policy,
+        gpu=args.gpu,
+        model=args.model,
+        tool_cores=args.tool_cores,
+        rate=args.rate,
+        arrival=args.arrival,
+        concurrency=args.concurrency,
+        sessions=args.sessions,
+        seed=args.seed,
+        tool_stats=args.tool_stats,
+        token_scale=args.token_scale,
+        time_scale=args.time_scale,
         kv_scale=args.kv_scale,
     )
     from mars.sim.experiment import make_cost_model
@@ -112,7 +124,9 @@ def _progress(total: int, enabled: bool) -> Any:
 def format_summary(r: dict[str, Any]) -> str:
     lat, slow, good, thr, kv = r["latency_s"], r["slowdown"], r["goodput"], r["throughput"], r["kv"]
     w = r["workload"]
-    load = f"rate {w['rate']}/s ({w['arrival']})" if w["rate"] else f"concurrency {w['concurrency']}"
+    load = (
+        f"rate {w['rate']}/s ({w['arrival']})" if w["rate"] else f"concurrency {w['concurrency']}"
+    )
     lines = [
         f"policy {r['policy']} | {w['gpu']} | {w['model']} | {load} | seed {w['seed']}",
         f"sessions {r['sessions']}  completed {r['completed']}  rejected {r['rejected']}  "

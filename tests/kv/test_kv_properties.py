@@ -20,8 +20,9 @@ _fresh = itertools.count(1)
 class KVMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.kv = KVManager(KVConfig(num_blocks=24, block_size=BS, host_capacity_tokens=40),
-                            SimClock())
+        self.kv = KVManager(
+            KVConfig(num_blocks=24, block_size=BS, host_capacity_tokens=40), SimClock()
+        )
         self.seq: dict[str, list[int]] = {}  # session -> token ids of its latest sequence
         self.running: dict[str, tuple[Request, list[int]]] = {}
         self.content: dict[int, dict[int, int]] = {}  # block -> offset -> token id written
@@ -45,11 +46,17 @@ class KVMachine(RuleBasedStateMachine):
         for pos in range(start, start + n):
             self.content.setdefault(blocks[pos // BS], {})[pos % BS] = tokens[pos]
 
-    @rule(sid=st.sampled_from(["a", "b", "c", "d"]), keep=st.floats(0, 1),
-          new=st.integers(1, 30), out=st.integers(1, 6), limit=st.integers(1, 40),
-          restore=st.booleans())
-    def start_call(self, sid: str, keep: float, new: int, out: int, limit: int,
-                   restore: bool) -> None:
+    @rule(
+        sid=st.sampled_from(["a", "b", "c", "d"]),
+        keep=st.floats(0, 1),
+        new=st.integers(1, 30),
+        out=st.integers(1, 6),
+        limit=st.integers(1, 40),
+        restore=st.booleans(),
+    )
+    def start_call(
+        self, sid: str, keep: float, new: int, out: int, limit: int, restore: bool
+    ) -> None:
         if sid in self.running:
             return
         prev = self.seq.get(sid, [])
@@ -83,7 +90,7 @@ class KVMachine(RuleBasedStateMachine):
         req.num_computed_tokens += n
 
     @precondition(lambda self: self.running)
-    @rule(data=st.data(), how=st.sampled_from(list(Retention) + ["preempt"]))
+    @rule(data=st.data(), how=st.sampled_from([*list(Retention), "preempt"]))
     def stop(self, data: st.DataObject, how: Retention | str) -> None:
         sid = data.draw(st.sampled_from(sorted(self.running)))
         req, tokens = self.running.pop(sid)

@@ -59,9 +59,7 @@ def steady_throughput(done_times: Sequence[float]) -> float:
     return n / (hi - lo)
 
 
-def summarize(
-    sessions: Sequence[SessionResult], alpha: float = GOODPUT_ALPHA
-) -> dict[str, Any]:
+def summarize(sessions: Sequence[SessionResult], alpha: float = GOODPUT_ALPHA) -> dict[str, Any]:
     """The session-level keys of the result JSON."""
     done = [s for s in sessions if s.done_s is not None]
     lat = [s.latency_s for s in done if s.latency_s is not None]

@@ -58,7 +58,7 @@ class KVStats:
     hit_tokens: int
     restored_tokens: int
     evicted_tokens: int
-    evictions: int
+    evictions: int  # blocks of cached content taken for other work
     offloads: int
     restores: int
     retains: int
@@ -76,8 +76,15 @@ class KVBlocks:
     """A session's chain. Opaque outside this module: read `num_blocks` and `num_tokens` only."""
 
     __slots__ = (
-        "base_reuse", "blocks", "finished", "held", "host_tokens", "num_tokens", "pinned",
-        "request_id", "session_id",
+        "base_reuse",
+        "blocks",
+        "finished",
+        "held",
+        "host_tokens",
+        "num_tokens",
+        "pinned",
+        "request_id",
+        "session_id",
     )
 
     def __init__(self, session_id: str) -> None:
@@ -131,8 +138,13 @@ class KVManager:
 
     def stats(self) -> KVStats:
         return KVStats(
-            self._hit, self._restored, self._evicted_tokens, self._evictions, self._offloads,
-            self._restores, self._retains,
+            self._hit,
+            self._restored,
+            self._evicted_tokens,
+            self._evictions,
+            self._offloads,
+            self._restores,
+            self._retains,
         )
 
     def residency(self, session_id: str) -> Residency:
@@ -262,7 +274,7 @@ class KVManager:
         self._release(chain, tokens)
 
     def offload(self, session_id: str, tokens: int) -> bool:
-        """Copy the first `tokens` (full blocks) of a held chain to host memory, if there is room."""
+        """Copy the first `tokens` (whole blocks) of a chain to host memory, if there is room."""
         chain = self._chains[session_id]
         full = min(tokens // self.block_size, len(chain.blocks)) * self.block_size
         extra = full - chain.host_tokens
@@ -321,6 +333,7 @@ class KVManager:
         tokens = n * self.block_size
         chain.num_tokens -= tokens
         self._evicted_tokens += tokens
+        self._evictions += n
         pending = self._pending_evict
         pending[chain.session_id] = pending.get(chain.session_id, 0) + tokens
 
@@ -329,7 +342,6 @@ class KVManager:
         blocks = self._pool.take(n)
         pending = self._pending_evict
         if pending:
-            self._evictions += len(pending)
             if self._bus.wants(KvEvict):
                 now = self._clock.now()
                 for sid, tokens in pending.items():
@@ -363,9 +375,9 @@ class KVManager:
             for block in chain.blocks:
                 assert block not in seen, f"block {block} in chains {seen.get(block)} and {sid}"
                 seen[block] = sid
-        for chain in pool.cached_chains():
-            assert isinstance(chain, KVBlocks), "foreign chain in the pool"
-            assert self._chains.get(chain.session_id) is chain, "cached chain of no session"
+        for listed in pool.cached_chains():
+            assert isinstance(listed, KVBlocks), "foreign chain in the pool"
+            assert self._chains.get(listed.session_id) is listed, "cached chain of no session"
         empty = pool.empty_blocks()
         assert len(set(empty)) == len(empty), "a block freed twice"
         assert not set(empty) & seen.keys(), "an empty block is still in a chain"

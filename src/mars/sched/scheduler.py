@@ -48,6 +48,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._next_step = 0
         self._lost: dict[str, int] = {}  # request id -> computed tokens lost at its preemption
+        # True while no waiting request can start until something finishes: the last schedule
+        # tried the waiting queue, started nothing and stopped on KV or sequence slots (both only
+        # get scarcer during pure decode), and nothing has arrived or finished since.
+        self._waiting_blocked = False
         # Totals for metrics: prompt tokens at first schedule, of them served from cache, and
         # tokens computed a second time (after a preemption or an evicted session cache).
         self.prompt_tokens = self.hit_tokens = self.recomputed_tokens = 0
@@ -61,10 +65,14 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+        self._waiting_blocked = False
         if self.bus.wants(RequestEmit):
             self.bus.publish(
                 RequestEmit(
-                    self.clock.now(), req.session_id, req.request_id, req.num_prompt_tokens,
+                    self.clock.now(),
+                    req.session_id,
+                    req.request_id,
+                    req.num_prompt_tokens,
                     req.reuse_tokens,
                 )
             )
@@ -74,8 +82,9 @@ class Scheduler:
         plan = StepPlan(self._next_step)
         self._next_step += 1
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        self._waiting_blocked = False
         if not plan.preempted:
-            self._schedule_waiting(plan, budget)
+            self._waiting_blocked = self._schedule_waiting(plan, budget)
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
@@ -104,11 +113,16 @@ class Scheduler:
                 budget -= n
         return budget
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> bool:
+        """Start waiting requests; True if none could start for want of KV or sequence slots."""
         policy, kv, now = self.policy, self.kv, self.clock.now()
         started: list[Request] = []
+        out_of_budget = False
         for req in policy.order_waiting(self.waiting):
-            if budget <= 0 or len(self.running) + len(started) >= self.config.max_num_seqs:
+            if budget <= 0:
+                out_of_budget = True
+                break
+            if len(self.running) + len(started) >= self.config.max_num_seqs:
                 break
             limit = min(budget, policy.chunk_tokens(req, budget))
             start = kv.start(req, limit)
@@ -143,6 +157,7 @@ class Scheduler:
             for req in started:
                 req.status = RequestStatus.RUNNING
             self.running.extend(started)
+        return bool(self.waiting) and not started and not out_of_budget
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         """Recompute preemption (vLLM V1): free the KV, back to the front of the queue."""
@@ -151,7 +166,9 @@ class Scheduler:
         self._lost[req.request_id] = req.num_computed_tokens
         if self.bus.wants(GpuPreempt):
             self.bus.publish(
-                GpuPreempt(self.clock.now(), req.session_id, req.request_id, req.num_computed_tokens)
+                GpuPreempt(
+                    self.clock.now(), req.session_id, req.request_id, req.num_computed_tokens
+                )
             )
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -188,6 +205,7 @@ class Scheduler:
                 self._finish(req, RequestStatus.FINISHED_LENGTH, now)
                 finished.append(req)
         if finished:
+            self._waiting_blocked = False
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
         return finished
@@ -203,7 +221,10 @@ class Scheduler:
         if self.bus.wants(GpuEnd):
             self.bus.publish(
                 GpuEnd(
-                    now, req.session_id, req.request_id, req.num_output_tokens,
+                    now,
+                    req.session_id,
+                    req.request_id,
+                    req.num_output_tokens,
                     status is RequestStatus.FINISHED_ABORTED,
                 )
             )
@@ -214,6 +235,7 @@ class Scheduler:
             for req in queue:
                 if req.request_id == request_id:
                     queue.remove(req)
+                    self._waiting_blocked = False
                     was_running = req.status is RequestStatus.RUNNING
                     if was_running:
                         self._finish(req, RequestStatus.FINISHED_ABORTED, self.clock.now())
@@ -228,14 +250,15 @@ class Scheduler:
     def decode_horizon(self) -> int:
         """How many next steps are certain to be the same pure-decode batch.
 
-        Nonzero only when every running request is decoding, no waiting request could start
-        (the queue is empty or the sequence limit is reached), the policy's decisions cannot
-        change, and KV has room for every step; the stretch ends with the first finish.
+        Nonzero only when every running request is decoding, no waiting request can start (the
+        queue is empty, or it was blocked at the last schedule and free KV only shrinks while
+        decoding), the policy's decisions cannot change, and KV has room for every step; the
+        stretch ends with the first finish.
         """
         running = self.running
         if not running or not self.policy.fast_forward_ok:
             return 0
-        if self.waiting and len(running) < self.config.max_num_seqs:
+        if self.waiting and not self._waiting_blocked:
             return 0
         if len(running) > self.config.max_num_batched_tokens:
             return 0

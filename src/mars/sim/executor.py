@@ -22,8 +22,9 @@ class SimExecutor:
         self.busy_s += dt
         return StepResult(plan.step_id, dt)
 
-    def decode_stretch(self, batch: int, context_sum: int, max_steps: int, until: float,
-                       now: float) -> list[float]:
+    def decode_stretch(
+        self, batch: int, context_sum: int, max_steps: int, until: float, now: float
+    ) -> list[float]:
         """End times of up to `max_steps` pure-decode steps of `batch` requests, stopping before a
         step would end after `until`. Identical arithmetic to `execute` on the same batches."""
         ends: list[float] = []

@@ -19,7 +19,7 @@ from mars.sched.policies.fcfs import FCFSPolicy
 from mars.sched.registry import make_policy
 from mars.sim.arrivals import arrival_times
 from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
-from mars.sim.run import Arrivals, SessionRecord, SimConfig, Simulation, SimOutcome
+from mars.sim.run import Arrivals, SessionRecord, SimConfig, SimOutcome, Simulation
 from mars.sim.toolstats import ToolStats
 from mars.sim.workload import SessionSpec, WorkloadConfig, build_workload, load_trajectories
 
@@ -113,8 +113,9 @@ def run_experiment(
     if spec.rate is not None:
         if spec.arrival not in ("poisson", "fixed"):
             raise UsageError(f"unknown --arrival {spec.arrival!r}; valid: poisson, fixed")
-        arrivals = Arrivals(tuple(arrival_times(len(specs), rate=spec.rate, kind=spec.arrival,
-                                                seed=spec.seed)))
+        arrivals = Arrivals(
+            tuple(arrival_times(len(specs), rate=spec.rate, kind=spec.arrival, seed=spec.seed))
+        )
     else:
         assert spec.concurrency is not None
         arrivals = Arrivals(concurrency=spec.concurrency)
@@ -137,8 +138,14 @@ def _result(
     wall_s: float,
 ) -> dict[str, Any]:
     sessions = [
-        SessionResult(r.session_id, r.arrival_s, r.done_s, ideal.get(r.session_id),
-                      r.output_tokens, r.rejected)
+        SessionResult(
+            r.session_id,
+            r.arrival_s,
+            r.done_s,
+            ideal.get(r.session_id),
+            r.output_tokens,
+            r.rejected,
+        )
         for r in out.records
     ]
     span = out.end_time or 1.0
@@ -146,8 +153,8 @@ def _result(
         "recomputed_prefill_tokens": out.recomputed_tokens,
         "hit_rate": out.hit_tokens / out.prompt_tokens if out.prompt_tokens else 0.0,
         "reusable_rate": (
-            sum(s.total_reuse_tokens for s in specs) / max(1, sum(s.total_prompt_tokens
-                                                                  for s in specs))
+            sum(s.total_reuse_tokens for s in specs)
+            / max(1, sum(s.total_prompt_tokens for s in specs))
         ),
         "evictions": out.evictions,
         "offloads": out.offloads,
@@ -166,11 +173,19 @@ def _result(
     workload = asdict(spec)
     workload["sessions_in_workload"] = len(specs)
     return result_json(
-        policy=spec.policy, executor="sim", workload=workload, sessions=sessions, kv=kv, cpu=cpu,
+        policy=spec.policy,
+        executor="sim",
+        workload=workload,
+        sessions=sessions,
+        kv=kv,
+        cpu=cpu,
         wall_s=wall_s,
         extra={
-            "gpu": {"name": cost.gpu.name, "busy_fraction": out.gpu_busy_s / span,
-                    "steps": out.steps},
+            "gpu": {
+                "name": cost.gpu.name,
+                "busy_fraction": out.gpu_busy_s / span,
+                "steps": out.steps,
+            },
             "sim_time_s": out.end_time,
             "kv_usage_over_time": [[round(t, 3), round(u, 4)] for t, u in out.kv_usage[::8]],
         },

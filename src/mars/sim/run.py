@@ -135,14 +135,20 @@ class Simulation:
         self.kv_capacity_tokens = kv_tokens
         self.max_model_len = cost.max_model_len
         self.kv = KVManager(
-            KVConfig(max(1, kv_tokens // config.block_size), config.block_size,
-                     config.host_kv_tokens),
-            self.clock, self.bus,
+            KVConfig(
+                max(1, kv_tokens // config.block_size), config.block_size, config.host_kv_tokens
+            ),
+            self.clock,
+            self.bus,
         )
         self.sessions: dict[str, Session] = {}
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
-            policy, self.kv, self.clock, self.bus, self.sessions,
+            policy,
+            self.kv,
+            self.clock,
+            self.bus,
+            self.sessions,
         )
         self.policy = policy
         self.executor = SimExecutor(cost)
@@ -189,11 +195,21 @@ class Simulation:
             )
         st = self.kv.stats()
         return SimOutcome(
-            self._records, self.clock.now(), self._steps, self.executor.busy_s,
-            self.heavy.busy_core_s, self.config.tool_cores, self.scheduler.prompt_tokens,
-            self.scheduler.hit_tokens, self.scheduler.recomputed_tokens,
-            self.scheduler.num_preemptions, st.evictions, st.offloads, st.restores,
-            self.kv.num_blocks, self.kv_usage,
+            self._records,
+            self.clock.now(),
+            self._steps,
+            self.executor.busy_s,
+            self.heavy.busy_core_s,
+            self.config.tool_cores,
+            self.scheduler.prompt_tokens,
+            self.scheduler.hit_tokens,
+            self.scheduler.recomputed_tokens,
+            self.scheduler.num_preemptions,
+            st.evictions,
+            st.offloads,
+            st.restores,
+            self.kv.num_blocks,
+            self.kv_usage,
         )
 
     def _dispatch(self, kind: int, payload: object) -> None:
@@ -261,7 +277,10 @@ class Simulation:
         now = self.clock.now()
         session = Session(spec.session_id, now, first_prompt_tokens=spec.turns[0].prompt_tokens)
         record = SessionRecord(
-            spec.session_id, spec.traj_id, now, turns=len(spec.turns),
+            spec.session_id,
+            spec.traj_id,
+            now,
+            turns=len(spec.turns),
             output_tokens=sum(t.output_tokens for t in spec.turns),
             prompt_tokens=sum(t.prompt_tokens for t in spec.turns),
             tool_s=sum(t.tool_time_s for t in spec.turns),
@@ -287,7 +306,9 @@ class Simulation:
                 now = self.clock.now()
                 session.admitted_time = now
                 self._agents[session.session_id].record.admitted_s = now
-                self.bus.publish(SessionAdmitted(now, session.session_id, now - session.arrival_time))
+                self.bus.publish(
+                    SessionAdmitted(now, session.session_id, now - session.arrival_time)
+                )
                 self._emit(self._agents[session.session_id])
             else:
                 still.append(session)
@@ -297,8 +318,13 @@ class Simulation:
         turn = agent.spec.turns[agent.turn_index]
         session = agent.session
         req = Request(
-            f"{session.session_id}-{agent.turn_index}", session.session_id, turn.prompt_tokens,
-            turn.output_tokens, turn.reuse_tokens, self.clock.now(), agent.turn_index,
+            f"{session.session_id}-{agent.turn_index}",
+            session.session_id,
+            turn.prompt_tokens,
+            turn.output_tokens,
+            turn.reuse_tokens,
+            self.clock.now(),
+            agent.turn_index,
         )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
@@ -332,8 +358,9 @@ class Simulation:
         now = self.clock.now()
         call = agent.session.turns[-1].tools[-1]
         call.end_time = now
-        self.bus.publish(ToolEnd(now, agent.session.session_id, call.category,
-                                 now - call.start_time, 0.0))
+        self.bus.publish(
+            ToolEnd(now, agent.session.session_id, call.category, now - call.start_time, 0.0)
+        )
         agent.tool_index += 1
         self._next_tool(agent)
 
