@@ -12,8 +12,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # Reinstall only when the project definition changed since the last set-up.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setup: installing mars${extra} into .venv" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+  # constraints.txt pins every transitive dependency, so a fresh machine gets the same set.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+    -e ".${extra}"
   touch "$stamp"
 fi

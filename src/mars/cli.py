@@ -1,4 +1,4 @@
-"""The `mars` command line: `mars sim`, `mars costmodel`, `mars policies`."""
+"""The `mars` command line: `mars sim`, `mars capacity`, `mars costmodel`, `mars policies`."""
 
 from __future__ import annotations
 
@@ -31,33 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mars", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_sim(sub)
+    _add_capacity(sub)
     add_costmodel_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
 
 
-def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
-    p = sub.add_parser(
-        "sim",
-        help="simulate agent sessions from a trace file under one policy",
-        description="Simulate agent sessions from a trace file on a simulated GPU and CPU pool.",
-    )
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every simulated experiment."""
     p.add_argument("--traces", required=True, help="trace file (JSONL, ../shared/traces format)")
-    p.add_argument("--policy", required=True, help="scheduling policy (see `mars policies`)")
     p.add_argument("--gpu", default="h100", help=f"one of {', '.join(sorted(GPUS))}")
     p.add_argument(
-        "--model",
-        default="qwen3-coder-30b-a3b",
+        "--model", default="qwen3-coder-30b-a3b",
         help=f"one of {', '.join(sorted(MODELS))}, or a model shape JSON file",
     )
     p.add_argument("--tool-cores", type=positive_int, default=8, help="CPU cores for tools")
-    load = p.add_mutually_exclusive_group(required=True)
-    load.add_argument("--rate", type=positive_float, help="open loop: sessions arriving per second")
-    load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
-    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
-    p.add_argument(
-        "--sessions", type=positive_int, help="seeded sample of N sessions (default all)"
-    )
+    p.add_argument("--sessions", type=positive_int, help="seeded sample of N sessions (default all)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tool-stats", help="tool-duration quantile table replacing the built-in one")
     p.add_argument("--token-scale", type=positive_float, default=1.0)
@@ -67,36 +56,88 @@ def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run_sim(args: argparse.Namespace) -> int:
-    from mars.sim.experiment import SimSpec, load_specs, run_experiment
+def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
+    p = sub.add_parser(
+        "sim",
+        help="simulate agent sessions from a trace file under one policy",
+        description="Simulate agent sessions from a trace file on a simulated GPU and CPU pool.",
+    )
+    _add_workload_args(p)
+    p.add_argument("--policy", required=True, help="scheduling policy (see `mars policies`)")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=positive_float, help="open loop: sessions arriving per second")
+    load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
+    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
+
+
+def _add_capacity(sub: argparse._SubParsersAction[Parser]) -> None:
+    p = sub.add_parser(
+        "capacity",
+        help="closed-loop throughput curve of a policy over several concurrencies",
+        description=(
+            "Run a policy in closed loop at each concurrency and print the steady-throughput "
+            "curve; its peak is the capacity (DESIGN.md section 5)."
+        ),
+    )
+    _add_workload_args(p)
+    p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
+    p.add_argument(
+        "--concurrencies", type=_int_list, default=[8, 16, 32, 64, 128],
+        help="comma-separated concurrencies (default 8,16,32,64,128)",
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",") if part.strip()] or [
+        positive_int(text)
+    ]
+
+
+def _spec(args: argparse.Namespace, **load: Any) -> Any:
+    from mars.sim.experiment import SimSpec, make_cost_model
 
     if args.policy not in policy_names():
         raise UsageError(
             f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
         )
     spec = SimSpec(
-        traces=args.traces,
-        policy=args.policy,
-        gpu=args.gpu,
-        model=args.model,
-        tool_cores=args.tool_cores,
-        rate=args.rate,
-        arrival=args.arrival,
-        concurrency=args.concurrency,
-        sessions=args.sessions,
-        seed=args.seed,
-        tool_stats=args.tool_stats,
-        token_scale=args.token_scale,
-        time_scale=args.time_scale,
-        kv_scale=args.kv_scale,
+        traces=args.traces, policy=args.policy, gpu=args.gpu, model=args.model,
+        tool_cores=args.tool_cores, sessions=args.sessions, seed=args.seed,
+        tool_stats=args.tool_stats, token_scale=args.token_scale, time_scale=args.time_scale,
+        kv_scale=args.kv_scale, **load,
     )
-    from mars.sim.experiment import make_cost_model
-
     make_cost_model(spec)  # fail fast on a bad GPU/model before reading traces
     if args.json_out:
         _check_writable(args.json_out)
+    return spec
+
+
+def run_capacity(args: argparse.Namespace) -> int:
+    from mars.bench.capacity import capacity_curve, format_curve, peak
+
+    spec = _spec(args, concurrency=args.concurrencies[0])
+    bar = _progress(len(args.concurrencies), enabled=not args.no_progress, unit="run")
+    points = capacity_curve(spec, args.concurrencies, (lambda _p: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    best = peak(points)
+    print(f"policy {spec.policy} | {spec.gpu} | {spec.model} | closed loop | seed {spec.seed} | "
+          f"{points[0].result['sessions']} sessions per run")
+    print(format_curve(points))
+    print(f"capacity: {best.steady:.4f} sessions/s at concurrency {best.concurrency}")
+    if args.json_out:
+        out = [{"concurrency": p.concurrency, **p.result} for p in points]
+        Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"result JSON written to {args.json_out}")
+    return 0
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from mars.sim.experiment import load_specs, run_experiment
+
+    spec = _spec(args, rate=args.rate, arrival=args.arrival, concurrency=args.concurrency)
     specs = load_specs(spec)
-    bar = _progress(len(specs), enabled=not args.no_progress)
+    bar = _progress(len(specs), enabled=not args.no_progress, unit="session")
     result = run_experiment(spec, specs, progress=(lambda _r: bar.update(1)) if bar else None)
     if bar:
         bar.close()
@@ -113,12 +154,12 @@ def _check_writable(path: str) -> None:
         raise UsageError(f"--json {path}: directory {parent} does not exist")
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, unit: str) -> Any:
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="session", desc="simulating", file=sys.stderr)
+    return tqdm(total=total, unit=unit, desc="simulating", file=sys.stderr)
 
 
 def format_summary(r: dict[str, Any]) -> str:
@@ -153,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sim":
             return run_sim(args)
+        if args.command == "capacity":
+            return run_capacity(args)
         if args.command == "costmodel":
             return run_costmodel(args)
         print("\n".join(policy_names()))

@@ -121,12 +121,17 @@ def run_experiment(
         arrivals = Arrivals(concurrency=spec.concurrency)
     outcome = Simulation(specs, policy, cost, arrivals, config, on_session_done=progress).run()
     if ideal is None:
-        ideal = ideal_times([s for s in specs if _fits(s, cost)], cost, config)
+        ideal = workload_ideals(spec, specs, cost)
     return _result(spec, specs, outcome, ideal, cost, time.perf_counter() - t0)
 
 
-def _fits(s: SessionSpec, cost: StepCostModel) -> bool:
-    return s.max_context <= min(cost.max_model_len, cost.kv_capacity_tokens)
+def workload_ideals(
+    spec: SimSpec, specs: Sequence[SessionSpec], cost: StepCostModel
+) -> dict[str, float]:
+    """Ideal times of the sessions of `specs` that the system can hold at all."""
+    limit = min(cost.max_model_len, cost.kv_capacity_tokens)
+    config = SimConfig(tool_cores=spec.tool_cores)
+    return ideal_times([s for s in specs if s.max_context <= limit], cost, config)
 
 
 def _result(
