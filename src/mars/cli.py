@@ -42,11 +42,14 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--traces", required=True, help="trace file (JSONL, ../shared/traces format)")
     p.add_argument("--gpu", default="h100", help=f"one of {', '.join(sorted(GPUS))}")
     p.add_argument(
-        "--model", default="qwen3-coder-30b-a3b",
+        "--model",
+        default="qwen3-coder-30b-a3b",
         help=f"one of {', '.join(sorted(MODELS))}, or a model shape JSON file",
     )
     p.add_argument("--tool-cores", type=positive_int, default=8, help="CPU cores for tools")
-    p.add_argument("--sessions", type=positive_int, help="seeded sample of N sessions (default all)")
+    p.add_argument(
+        "--sessions", type=positive_int, help="seeded sample of N sessions (default all)"
+    )
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tool-stats", help="tool-duration quantile table replacing the built-in one")
     p.add_argument("--token-scale", type=positive_float, default=1.0)
@@ -82,15 +85,15 @@ def _add_capacity(sub: argparse._SubParsersAction[Parser]) -> None:
     _add_workload_args(p)
     p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
     p.add_argument(
-        "--concurrencies", type=_int_list, default=[8, 16, 32, 64, 128],
+        "--concurrencies",
+        type=_int_list,
+        default=[8, 16, 32, 64, 128],
         help="comma-separated concurrencies (default 8,16,32,64,128)",
     )
 
 
 def _int_list(text: str) -> list[int]:
-    return [positive_int(part) for part in text.split(",") if part.strip()] or [
-        positive_int(text)
-    ]
+    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
 
 
 def _spec(args: argparse.Namespace, **load: Any) -> Any:
@@ -101,10 +104,18 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
             f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
         )
     spec = SimSpec(
-        traces=args.traces, policy=args.policy, gpu=args.gpu, model=args.model,
-        tool_cores=args.tool_cores, sessions=args.sessions, seed=args.seed,
-        tool_stats=args.tool_stats, token_scale=args.token_scale, time_scale=args.time_scale,
-        kv_scale=args.kv_scale, **load,
+        traces=args.traces,
+        policy=args.policy,
+        gpu=args.gpu,
+        model=args.model,
+        tool_cores=args.tool_cores,
+        sessions=args.sessions,
+        seed=args.seed,
+        tool_stats=args.tool_stats,
+        token_scale=args.token_scale,
+        time_scale=args.time_scale,
+        kv_scale=args.kv_scale,
+        **load,
     )
     make_cost_model(spec)  # fail fast on a bad GPU/model before reading traces
     if args.json_out:
@@ -121,8 +132,10 @@ def run_capacity(args: argparse.Namespace) -> int:
     if bar:
         bar.close()
     best = peak(points)
-    print(f"policy {spec.policy} | {spec.gpu} | {spec.model} | closed loop | seed {spec.seed} | "
-          f"{points[0].result['sessions']} sessions per run")
+    print(
+        f"policy {spec.policy} | {spec.gpu} | {spec.model} | closed loop | seed {spec.seed} | "
+        f"{points[0].result['sessions']} sessions per run"
+    )
     print(format_curve(points))
     print(f"capacity: {best.steady:.4f} sessions/s at concurrency {best.concurrency}")
     if args.json_out:

@@ -263,8 +263,10 @@ class Scheduler:
         if len(running) > self.config.max_num_batched_tokens:
             return 0
         k = min(r.max_tokens - r.num_output_tokens for r in running)
-        if any(r.num_computed_tokens != r.num_tokens - 1 for r in running):
-            return 0
+        if any(
+            r.num_computed_tokens != r.num_tokens - 1 or r.num_output_tokens == 0 for r in running
+        ):
+            return 0  # a prefill chunk (even a one-token one) is due: its first token is stamped
         free = self.kv.num_free_blocks
         kv = self.kv
         while k > 0 and sum(kv.blocks_needed(r, k) for r in running) > free:

@@ -132,12 +132,12 @@ class Simulation:
         self.clock = SimClock()
         self.bus = bus or EventBus()
         kv_tokens = config.kv_tokens if config.kv_tokens is not None else cost.kv_capacity_tokens
-        self.kv_capacity_tokens = kv_tokens
+        num_blocks = max(1, kv_tokens // config.block_size)
+        # What fits is whole blocks: a session longer than that can never run.
+        self.kv_capacity_tokens = num_blocks * config.block_size
         self.max_model_len = cost.max_model_len
         self.kv = KVManager(
-            KVConfig(
-                max(1, kv_tokens // config.block_size), config.block_size, config.host_kv_tokens
-            ),
+            KVConfig(num_blocks, config.block_size, config.host_kv_tokens),
             self.clock,
             self.bus,
         )
@@ -220,7 +220,7 @@ class Simulation:
             self._tool_done(payload)
         elif kind == _Ev.HEAVY_TOOLS:
             if payload == self._heavy_version:
-                for agent in self.heavy.pop_finished(self.clock.now()):
+                for agent in self.heavy.pop_due(self.clock.now()):
                     assert isinstance(agent, _Agent)
                     self._tool_done(agent)
                 self._reschedule_heavy()
@@ -263,7 +263,7 @@ class Simulation:
             assert plan is not None
             finished = self.scheduler.update(plan, StepResult(plan.step_id, 0.0))
             self._steps += 1
-        if self._steps % 64 == 0 or finished:
+        if finished:
             self.kv_usage.append((self.clock.now(), self.kv.usage))
         for req in finished:
             self._turn_done(self._agents[req.session_id])
@@ -329,6 +329,9 @@ class Simulation:
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
         self.scheduler.add_request(req)
+        # KV usage is sampled when calls arrive and finish: instants at which a fast-forwarded
+        # run and a step-by-step one are in the same state.
+        self.kv_usage.append((self.clock.now(), self.kv.usage))
 
     def _turn_done(self, agent: _Agent) -> None:
         agent.tool_index = 0

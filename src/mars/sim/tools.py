@@ -53,9 +53,14 @@ class ProcessorSharing:
         least = min(job.remaining_s for job in self._jobs)
         return self._t + max(0.0, least) / self._rate()
 
-    def pop_finished(self, now: float, eps: float = 1e-9) -> list[object]:
+    def pop_due(self, now: float, eps: float = 1e-9) -> list[object]:
+        """The jobs due at `now`, the time `next_finish()` gave: the least remaining work and any
+        within `eps` of it. Taking the least (not "remaining <= 0") keeps rounding at large clock
+        values from leaving a job a hair short of done and re-arming the same instant forever."""
         self.advance(now)
-        done = [job.key for job in self._jobs if job.remaining_s <= eps]
-        if done:
-            self._jobs = [job for job in self._jobs if job.remaining_s > eps]
+        if not self._jobs:
+            return []
+        cut = max(0.0, min(job.remaining_s for job in self._jobs)) + eps
+        done = [job.key for job in self._jobs if job.remaining_s <= cut]
+        self._jobs = [job for job in self._jobs if job.remaining_s > cut]
         return done
