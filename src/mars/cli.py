@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,7 +25,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line (no usage dump), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"mars: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,9 +163,14 @@ def run_sim(args: argparse.Namespace) -> int:
 
 
 def _check_writable(path: str) -> None:
-    parent = Path(path).resolve().parent
+    target = Path(path)
+    parent = target.resolve().parent
+    if target.is_dir():
+        raise UsageError(f"--json {path} is a directory; give a file name such as {path}/out.json")
     if not parent.is_dir():
         raise UsageError(f"--json {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--json {path}: not writable")
 
 
 def _progress(total: int, enabled: bool, unit: str) -> Any:

@@ -63,6 +63,9 @@ class BlockPool:
             self._on_evict(chain, k)
         return out
 
+    def oldest_cached(self) -> Chain | None:
+        return next(iter(self._cached), None)
+
     def put_empty(self, blocks: list[int]) -> None:
         """Return blocks whose content is worthless: they are reused first."""
         self._empty.extend(blocks)

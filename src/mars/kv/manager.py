@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 from mars.core.clock import Clock
 from mars.core.events import EventBus, KvEvict, KvOffload, KvRestore, KvRetain
@@ -36,11 +37,29 @@ class Residency(enum.IntEnum):
     DROPPED = 4  # was cached, all evicted
 
 
+class KVListener(Protocol):
+    """A real engine mirroring the manager's decisions in its own cache (the simulator has none)."""
+
+    def truncated(self, session_id: str, num_tokens: int) -> None:
+        """The session's GPU KV now holds only its first `num_tokens` tokens (0: none)."""
+        ...
+
+    def offloaded(self, session_id: str, num_tokens: int) -> None:
+        """Copy the session's first `num_tokens` tokens of KV to host memory now."""
+        ...
+
+    def ended(self, session_id: str) -> None:
+        """The session is gone: drop its GPU and host KV."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class KVConfig:
     num_blocks: int
     block_size: int = 16
     host_capacity_tokens: int = 0  # 0 = no offloading
+    # Sessions that may have KV on the GPU at once (a real engine's sequence slots); None = any.
+    max_sequences: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1 or self.host_capacity_tokens < 0:
@@ -104,8 +123,15 @@ class KVBlocks:
 
 
 class KVManager:
-    def __init__(self, config: KVConfig, clock: Clock, bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        config: KVConfig,
+        clock: Clock,
+        bus: EventBus | None = None,
+        listener: KVListener | None = None,
+    ) -> None:
         self.config = config
+        self.listener = listener
         self.block_size = config.block_size
         self._clock = clock
         self._bus = bus or EventBus()
@@ -191,6 +217,8 @@ class KVManager:
         bs = self.block_size
         keep = hit.gpu_tokens // bs
         chain = self._chains.get(req.session_id)
+        if (chain is None or not chain.blocks) and not self._free_a_sequence():
+            return None
         avail = self._pool.num_free
         if chain is not None:
             avail += len(chain.blocks) - keep if chain.held else -keep
@@ -201,6 +229,24 @@ class KVManager:
         blocks = self.allocate(req, n)
         assert blocks is not None and got == hit, "start: room was checked"
         return Start(got, n)
+
+    def _free_a_sequence(self) -> bool:
+        """Make sure one more session may hold GPU KV, evicting the least recently used cached
+        session whole if every sequence slot is taken. False if all are held."""
+        limit = self.config.max_sequences
+        if limit is None:
+            return True
+        if sum(1 for c in self._chains.values() if c.blocks) < limit:
+            return True
+        victim = self._pool.oldest_cached()
+        if victim is None:
+            return False
+        assert isinstance(victim, KVBlocks)
+        self._pool.remove_cached(victim)
+        self._pool.put_empty(list(victim.blocks))
+        self._evict(victim, len(victim.blocks))
+        self._flush_evictions()
+        return True
 
     def begin(self, req: Request, restore: bool = True) -> PrefixHit:
         """Claim the cached prefix for `req` (first schedule, or again after preemption).
@@ -226,6 +272,8 @@ class KVManager:
             self._pool.remove_cached(chain)
             self._num_held += keep
         self._pool.put_empty(chain.blocks[keep:])
+        if keep < len(chain.blocks) and self.listener is not None:
+            self.listener.truncated(req.session_id, keep * self.block_size)
         del chain.blocks[keep:]
         chain.held, chain.pinned, chain.request_id = True, False, req.request_id
         chain.finished, chain.base_reuse = False, req.reuse_tokens
@@ -280,6 +328,8 @@ class KVManager:
         extra = full - chain.host_tokens
         if full == 0 or self._host_used + extra > self.config.host_capacity_tokens:
             return False
+        if self.listener is not None:
+            self.listener.offloaded(session_id, full)
         self._host_used += extra
         chain.host_tokens = full
         self._offloads += 1
@@ -302,6 +352,8 @@ class KVManager:
             self._pool.remove_cached(chain)
         self._pool.put_empty(chain.blocks)
         self._host_used -= chain.host_tokens
+        if self.listener is not None:
+            self.listener.ended(session_id)
 
     # ---- internals ------------------------------------------------------------------------
     def _reuse_cap(self, chain: KVBlocks, req: Request) -> int:
@@ -322,6 +374,8 @@ class KVManager:
         full = min(tokens // self.block_size, len(chain.blocks))
         self._num_held -= len(chain.blocks)
         self._pool.put_empty(chain.blocks[full:])
+        if self.listener is not None and full * self.block_size < tokens:
+            self.listener.truncated(chain.session_id, full * self.block_size)
         del chain.blocks[full:]
         self._pool.put_cached(chain)
         chain.held = chain.pinned = False
@@ -332,6 +386,8 @@ class KVManager:
         del chain.blocks[len(chain.blocks) - n :]
         tokens = n * self.block_size
         chain.num_tokens -= tokens
+        if self.listener is not None:
+            self.listener.truncated(chain.session_id, chain.num_tokens)
         self._evicted_tokens += tokens
         self._evictions += n
         pending = self._pending_evict
@@ -340,6 +396,10 @@ class KVManager:
     def _take(self, n: int) -> list[int] | None:
         """Blocks from the pool; one `kv_evict` event per session that lost cached tokens."""
         blocks = self._pool.take(n)
+        self._flush_evictions()
+        return blocks
+
+    def _flush_evictions(self) -> None:
         pending = self._pending_evict
         if pending:
             if self._bus.wants(KvEvict):
@@ -347,7 +407,6 @@ class KVManager:
                 for sid, tokens in pending.items():
                     self._bus.publish(KvEvict(time=now, session_id=sid, tokens=tokens))
             pending.clear()
-        return blocks
 
     def _emit(self, kind: type[KvOffload | KvRestore | KvRetain], sid: str, n: int) -> None:
         if self._bus.wants(kind):

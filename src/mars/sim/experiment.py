@@ -21,7 +21,7 @@ from mars.sim.arrivals import arrival_times
 from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
 from mars.sim.run import Arrivals, SessionRecord, SimConfig, SimOutcome, Simulation
 from mars.sim.toolstats import ToolStats
-from mars.sim.workload import SessionSpec, WorkloadConfig, build_workload, load_trajectories
+from mars.sim.workload import SessionSpec, WorkloadConfig, build_workload
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,14 @@ class SimSpec:
 
 
 def load_specs(spec: SimSpec) -> list[SessionSpec]:
-    if not Path(spec.traces).is_file():
+    path = Path(spec.traces)
+    if path.is_dir():
+        raise UsageError(f"--traces {spec.traces} is a directory; pass the JSONL trace file")
+    if not path.is_file():
         raise UsageError(f"trace file {spec.traces!r} not found; pass --traces FILE (JSONL)")
     stats = ToolStats.from_file(spec.tool_stats) if spec.tool_stats else ToolStats.default()
     config = WorkloadConfig(spec.sessions, spec.seed, spec.token_scale, spec.time_scale)
-    return build_workload(load_trajectories(spec.traces), config, stats)
+    return build_workload(path, config, stats)
 
 
 def make_cost_model(spec: SimSpec) -> CostModel:
@@ -134,6 +137,15 @@ def workload_ideals(
     return ideal_times([s for s in specs if s.max_context <= limit], cost, config)
 
 
+def _reusable_rate(specs: Sequence[SessionSpec], out: SimOutcome) -> float:
+    """Share of the served sessions' prompt tokens that appending histories make reusable."""
+    served = {r.session_id for r in out.records if not r.rejected}
+    mine = [s for s in specs if s.session_id in served]
+    return sum(s.total_reuse_tokens for s in mine) / max(
+        1, sum(s.total_prompt_tokens for s in mine)
+    )
+
+
 def _result(
     spec: SimSpec,
     specs: Sequence[SessionSpec],
@@ -157,10 +169,7 @@ def _result(
     kv = {
         "recomputed_prefill_tokens": out.recomputed_tokens,
         "hit_rate": out.hit_tokens / out.prompt_tokens if out.prompt_tokens else 0.0,
-        "reusable_rate": (
-            sum(s.total_reuse_tokens for s in specs)
-            / max(1, sum(s.total_prompt_tokens for s in specs))
-        ),
+        "reusable_rate": _reusable_rate(specs, out),
         "evictions": out.evictions,
         "offloads": out.offloads,
         "restores": out.restores,

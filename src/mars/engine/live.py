@@ -1,0 +1,359 @@
+"""The live engine loop: the shared scheduler and policy driving a llama.cpp executor in a thread.
+
+The loop is the simulator's: admit -> `schedule()` -> `execute()` -> `update()` -> publish, on a
+`WallClock`. Clients submit requests from any thread or event loop and receive their tokens on an
+asyncio queue; cancelling the consumer (a dropped client) aborts the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mars.core.clock import WallClock
+from mars.core.events import EventBus
+from mars.core.request import Request, RequestStatus
+from mars.core.session import Session, SessionStatus, Turn
+from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor
+from mars.engine.model import Detokenizer, Model
+from mars.engine.sampling import SamplingParams
+from mars.kv.manager import KVConfig, KVManager
+from mars.sched.plan import StepResult
+from mars.sched.registry import make_policy
+from mars.sched.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New output of one request: text since the last chunk, and the final state when done."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Stream:
+    req: Request
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Chunk]
+    detok: Detokenizer
+    text: str = ""  # text emitted so far (for stop strings)
+    held: str = ""  # text held back because it may be the start of a stop string
+    done: bool = False
+
+
+class LiveEngine:
+    def __init__(
+        self,
+        model: Model,
+        executor_config: ExecutorConfig | None = None,
+        policy: str = "fcfs",
+        host_kv_tokens: int = 0,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.model = model
+        self.clock = WallClock()
+        self.bus = bus or EventBus()
+        cfg = executor_config or ExecutorConfig()
+        self.executor = LlamaCppExecutor(model, cfg)
+        self.kv = KVManager(
+            KVConfig(self.executor.kv_tokens, 1, host_kv_tokens, cfg.max_sequences),
+            self.clock,
+            self.bus,
+            listener=self.executor,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.batch_tokens, cfg.max_sequences),
+            make_policy(policy),
+            self.kv,
+            self.clock,
+            self.bus,
+            self.sessions,
+        )
+        self.policy_name = policy
+        self._streams: dict[str, _Stream] = {}
+        self._last_seq: dict[str, list[int]] = {}  # session -> tokens of its last finished call
+        self._inbox: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.step_s = 0.0  # time inside execute()
+        self.sched_s = 0.0  # time in schedule() + update(): the scheduling overhead
+        self.generated_tokens = 0
+        self.error: BaseException | None = None
+
+    @property
+    def max_context(self) -> int:
+        return int(self.executor.kv_tokens)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mars-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.executor.close()
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._inbox.append(fn)
+        self._wake.set()
+
+    # ---- client API (any thread / event loop) -------------------------------------------------
+    async def generate(
+        self, session_id: str, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[Chunk]:
+        """Stream a request's output; closing the iterator early aborts the request."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the "
+                f"context of {self.max_context} tokens"
+            )
+        rid = f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self._post(lambda: self._admit(session_id, rid, prompt, params, loop, queue))
+        finished = False
+        try:
+            while True:
+                chunk = await queue.get()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._post(lambda: self._abort(rid))
+
+    def end_session(self, session_id: str) -> None:
+        self._post(lambda: self._end_session(session_id))
+
+    def stats(self) -> dict[str, Any]:
+        kv = self.kv.stats()
+        return {
+            "kv_tokens": self.kv.num_blocks,
+            "kv_usage": self.kv.usage,
+            "kv_free_tokens": self.kv.num_free_blocks,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "sessions": len(self.sessions),
+            "prefix_hit_tokens": kv.hit_tokens,
+            "prompt_tokens": self.scheduler.prompt_tokens,
+            "recomputed_tokens": self.scheduler.recomputed_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "evicted_tokens": kv.evicted_tokens,
+            "offloads": kv.offloads,
+            "restores": kv.restores,
+            "host_kv_bytes": self.executor.offload_bytes,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "step_s": self.step_s,
+            "sched_s": self.sched_s,
+        }
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _admit(
+        self,
+        session_id: str,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[Chunk],
+    ) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:
+            session = Session(session_id, self.clock.now(), status=SessionStatus.LLM)
+            session.admitted_time = session.arrival_time
+            self.sessions[session_id] = session
+        prev = self._last_seq.get(session_id, [])
+        reuse = _common_prefix(prev, prompt)
+        req = Request(
+            rid,
+            session_id,
+            len(prompt),
+            params.max_tokens,
+            reuse,
+            self.clock.now(),
+            len(session.turns),
+        )
+        for turn in session.turns:
+            if not turn.request.is_finished:  # one call at a time per session: the newest wins
+                self._abort(turn.request.request_id)
+        session.turns.append(Turn(req))
+        session.status = SessionStatus.LLM
+        self.executor.add(req, prompt, params)
+        self._streams[rid] = _Stream(req, params, loop, queue, Detokenizer(self.model))
+        self.scheduler.add_request(req)
+
+    def _abort(self, rid: str) -> None:
+        self.scheduler.abort(rid)
+        stream = self._streams.pop(rid, None)
+        self.executor.release(rid)
+        if stream is not None and not stream.done:
+            stream.done = True
+            r = stream.req
+            self._send(
+                stream,
+                Chunk(
+                    "",
+                    [],
+                    "abort",
+                    r.num_prompt_tokens,
+                    r.num_output_tokens,
+                    max(0, r.num_cached_tokens),
+                ),
+            )
+
+    def _end_session(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        for turn in session.turns:
+            if not turn.request.is_finished:
+                self._abort(turn.request.request_id)
+        self.kv.end_session(session_id)
+        self._last_seq.pop(session_id, None)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                with self._lock:
+                    inbox, self._inbox = self._inbox, []
+                    self._wake.clear()
+                for fn in inbox:
+                    fn()
+                if not self.scheduler.has_work:
+                    self._wake.wait(0.5)
+                    continue
+                self._step()
+        except BaseException as e:  # surface to clients instead of dying silently
+            self.error = e
+            for stream in list(self._streams.values()):
+                self._send(stream, Chunk("", [], "abort"))
+            raise
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if plan.is_empty:
+            self._wake.wait(0.01)
+            return
+        result = self.executor.execute(plan)
+        t2 = time.perf_counter()
+        stopped: set[str] = set()
+        for req, tok in zip(plan.requests, result.token_ids or [], strict=True):
+            if tok is not None:
+                self.generated_tokens += 1
+                if self._text(req, tok):
+                    stopped.add(req.request_id)
+        t3 = time.perf_counter()
+        finished = self.scheduler.update(
+            plan, StepResult(plan.step_id, t2 - t1, result.token_ids, frozenset(stopped))
+        )
+        t4 = time.perf_counter()
+        self.steps += 1
+        self.step_s += t2 - t1
+        self.sched_s += (t1 - t0) + (t4 - t3)
+        for req in finished:
+            self._finish(req)
+
+    def _text(self, req: Request, tok: int) -> bool:
+        """Turn a sampled token into text for its client; True if the output must stop here."""
+        stream = self._streams.get(req.request_id)
+        if stream is None or stream.done:
+            return False
+        p = stream.params
+        masked = p.ignore_eos or req.num_output_tokens < p.min_tokens
+        if self.executor.is_eog(tok) and not masked:
+            return True  # the end-of-generation token is not text
+        text = stream.held + stream.detok.push(tok)
+        stop = _find_stop(stream.text + text, p.stop) if p.stop else None
+        if stop is not None:
+            cut = stop - len(stream.text)
+            stream.held = ""
+            if cut > 0:
+                stream.text += text[:cut]
+                self._send(stream, Chunk(text[:cut], [tok]))
+            return True
+        keep = _stop_prefix_len(text, p.stop) if p.stop else 0
+        emit, stream.held = text[: len(text) - keep], text[len(text) - keep :]
+        stream.text += emit
+        self._send(stream, Chunk(emit, [tok]))
+        return False
+
+    def _finish(self, req: Request) -> None:
+        self._last_seq[req.session_id] = self.executor.prompt_of(req.request_id) + list(
+            req.output_token_ids
+        )
+        self.executor.release(req.request_id)
+        session = self.sessions.get(req.session_id)
+        if session is not None:
+            session.status = SessionStatus.TOOL
+        stream = self._streams.pop(req.request_id, None)
+        if stream is None or stream.done:
+            return
+        stream.done = True
+        if stream.held:
+            stream.text += stream.held
+            self._send(stream, Chunk(stream.held, []))
+        reason = "stop" if req.status is RequestStatus.FINISHED_STOPPED else "length"
+        self._send(
+            stream,
+            Chunk(
+                "",
+                [],
+                reason,
+                req.num_prompt_tokens,
+                req.num_output_tokens,
+                max(0, req.num_cached_tokens),
+            ),
+        )
+
+    def _send(self, stream: _Stream, chunk: Chunk) -> None:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, chunk)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best

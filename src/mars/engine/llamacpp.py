@@ -1,0 +1,205 @@
+"""`LlamaCppExecutor`: runs a `StepPlan` as one `llama_decode` batch on a llama.cpp context.
+
+One context, many sequence slots, one unified KV cache. The scheduler's KV manager (block size 1,
+one block per cell, at most `n_seq_max` sessions on the GPU) decides; this class mirrors every
+decision in the real cache through the `KVListener` calls: truncations (`llama_memory_seq_rm`),
+offloads (`llama_state_seq_get_data` into host memory) and, from the plan, restores
+(`llama_state_seq_set_data` into any free slot). Restores are exact: same cells, same logits as a
+recompute with the same chunking on an empty cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+
+import llama_cpp as L
+
+from mars.core.request import Request
+from mars.engine.model import Model
+from mars.engine.sampling import SamplingParams
+from mars.sched.plan import StepPlan, StepResult
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    kv_tokens: int = 16384  # KV cells (the context size)
+    max_sequences: int = 32  # sequence slots: sessions whose KV may stay on the GPU at once
+    batch_tokens: int = 512  # most tokens one llama_decode takes (the scheduler's budget)
+    threads: int = max(1, (os.cpu_count() or 2))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.kv_tokens, self.max_sequences, self.batch_tokens, self.threads) < 1:
+            raise ValueError(f"bad executor config {self}: every value must be positive")
+
+
+class _Sampler:
+    """A llama.cpp sampler chain for one request (its RNG and grammar state live across steps)."""
+
+    def __init__(self, model: Model, params: SamplingParams, default_seed: int) -> None:
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params.grammar:
+            g = L.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+            if not g:
+                raise ValueError("the tool-call grammar did not compile")
+            L.llama_sampler_chain_add(chain, g)
+        if params.temperature <= 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else default_seed
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self.ptr = chain
+
+    def close(self) -> None:
+        if self.ptr:
+            L.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaCppExecutor:
+    def __init__(self, model: Model, config: ExecutorConfig) -> None:
+        self.model = model
+        self.config = config
+        cp = L.llama_context_default_params()
+        cp.n_ctx = config.kv_tokens
+        cp.n_batch = config.batch_tokens
+        cp.n_ubatch = config.batch_tokens
+        cp.n_seq_max = config.max_sequences
+        cp.n_threads = cp.n_threads_batch = config.threads
+        cp.kv_unified = True
+        self.ctx = L.llama_init_from_model(model.ptr, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {config.kv_tokens} cells")
+        self.kv_tokens = L.llama_n_ctx(self.ctx)
+        self.mem = L.llama_get_memory(self.ctx)
+        self._batch = L.llama_batch_init(config.batch_tokens, 0, 1)
+        self._free_seqs = list(range(config.max_sequences - 1, -1, -1))
+        self._seq: dict[str, int] = {}  # session -> sequence slot holding its cells
+        self._host: dict[str, bytes] = {}  # session -> saved sequence state (offloaded KV)
+        self._prompts: dict[str, list[int]] = {}  # request id -> prompt token ids
+        self._params: dict[str, SamplingParams] = {}
+        self._samplers: dict[str, _Sampler] = {}
+        self._eog = model.eog_ids
+        self.offload_bytes = 0
+        self.busy_s = 0.0
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add(self, req: Request, prompt: list[int], params: SamplingParams) -> None:
+        self._prompts[req.request_id] = prompt
+        self._params[req.request_id] = params
+        self._samplers[req.request_id] = _Sampler(self.model, params, self.config.seed)
+
+    def prompt_of(self, request_id: str) -> list[int]:
+        return self._prompts.get(request_id, [])
+
+    def release(self, request_id: str) -> None:
+        self._prompts.pop(request_id, None)
+        self._params.pop(request_id, None)
+        sampler = self._samplers.pop(request_id, None)
+        if sampler is not None:
+            sampler.close()
+
+    # ---- KVListener -------------------------------------------------------------------------
+    def truncated(self, session_id: str, num_tokens: int) -> None:
+        seq = self._seq.get(session_id)
+        if seq is None:
+            return
+        L.llama_memory_seq_rm(self.mem, seq, num_tokens, -1)
+        if num_tokens == 0:
+            del self._seq[session_id]
+            self._free_seqs.append(seq)
+
+    def offloaded(self, session_id: str, num_tokens: int) -> None:
+        seq = self._seq.get(session_id)
+        if seq is None:
+            return
+        size = L.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        old = self._host.get(session_id)
+        self.offload_bytes += written - (len(old) if old else 0)
+        self._host[session_id] = bytes(buf[:written])
+
+    def ended(self, session_id: str) -> None:
+        self.truncated(session_id, 0)
+        old = self._host.pop(session_id, None)
+        if old:
+            self.offload_bytes -= len(old)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _slot(self, session_id: str) -> int:
+        seq = self._seq.get(session_id)
+        if seq is None:
+            seq = self._free_seqs.pop()  # the KV manager keeps sessions <= max_sequences
+            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            self._seq[session_id] = seq
+        return seq
+
+    def _restore(self, req: Request, tokens: int) -> None:
+        seq = self._slot(req.session_id)
+        data = self._host[req.session_id]
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
+            raise RuntimeError(f"restoring the KV of session {req.session_id} failed")
+        L.llama_memory_seq_rm(self.mem, seq, req.num_computed_tokens, -1)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for req, tokens in plan.restores:
+            self._restore(req, tokens)
+        batch = self._batch
+        batch.n_tokens = 0
+        sample_at: list[int] = []  # batch index of each request's logits, -1 if none
+        for req, n, ctx_len in zip(
+            plan.requests, plan.num_new_tokens, plan.context_lens, strict=True
+        ):
+            seq = self._slot(req.session_id)
+            L.llama_memory_seq_rm(self.mem, seq, ctx_len, -1)  # exactly ctx_len cells remain
+            prompt = self._prompts[req.request_id]
+            out = req.output_token_ids
+            for pos in range(ctx_len, ctx_len + n):
+                i = batch.n_tokens
+                batch.token[i] = prompt[pos] if pos < len(prompt) else out[pos - len(prompt)]
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = False
+                batch.n_tokens += 1
+            samples = ctx_len + n == req.num_tokens
+            if samples:
+                batch.logits[batch.n_tokens - 1] = True
+            sample_at.append(batch.n_tokens - 1 if samples else -1)
+        rc = L.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc} on a batch of {batch.n_tokens}")
+        token_ids: list[int | None] = []
+        for req, idx in zip(plan.requests, sample_at, strict=True):
+            token_ids.append(None if idx < 0 else self._sample(req, idx))
+        return StepResult(plan.step_id, 0.0, token_ids)
+
+    def _sample(self, req: Request, idx: int) -> int:
+        params = self._params[req.request_id]
+        if params.ignore_eos or req.num_output_tokens < params.min_tokens:
+            logits = L.llama_get_logits_ith(self.ctx, idx)
+            for t in self._eog:
+                logits[t] = -math.inf
+        return int(L.llama_sampler_sample(self._samplers[req.request_id].ptr, self.ctx, idx))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.model.vocab, token))
+
+    def close(self) -> None:
+        for rid in list(self._samplers):
+            self.release(rid)
+        if self.ctx:
+            L.llama_batch_free(self._batch)
+            L.llama_free(self.ctx)
+            self.ctx = None

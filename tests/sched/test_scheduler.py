@@ -1,0 +1,602 @@
+"""The scheduler with the vLLM-default policy: token budget, chunked prefill, token counting,
+recompute preemption of the newest request, head-of-line blocking, prefix reuse across turns,
+aborts, and the decode fast-forward (`decode_horizon` / `advance_decode`)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from factories import add_session, make_request, make_scheduler, run_until_idle
+from mars.core.clock import SimClock
+from mars.core.events import Event, GpuEnd, GpuPreempt, GpuSubmit
+from mars.core.request import Request, RequestStatus
+from mars.kv.manager import Residency
+from mars.sched.plan import StepPlan, StepResult
+from mars.sched.policies.fcfs import FCFSPolicy
+from mars.sched.scheduler import Scheduler
+
+
+class RecordingFCFS(FCFSPolicy):
+    """FCFS that remembers every victim choice as (needed_by, victim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.victims: list[tuple[str, str | None]] = []
+
+    def pick_victim(self, running: Sequence[Request], needed_by: Request) -> Request | None:
+        victim = super().pick_victim(running, needed_by)
+        self.victims.append((needed_by.request_id, None if victim is None else victim.request_id))
+        return victim
+
+
+class NoHeadOfLine(FCFSPolicy):
+    def stop_after_failure(self) -> bool:
+        return False
+
+
+def clock_of(sched: Scheduler) -> SimClock:
+    assert isinstance(sched.clock, SimClock)
+    return sched.clock
+
+
+def step(sched: Scheduler, dt: float = 1.0) -> tuple[StepPlan, list[Request]]:
+    """One engine step of `dt` seconds: schedule, advance the clock, update, check the KV."""
+    plan = sched.schedule()
+    clock_of(sched).advance(dt)
+    finished = sched.update(plan, StepResult(plan.step_id, dt))
+    sched.kv.check_integrity()
+    return plan, finished
+
+
+def batch(plan: StepPlan) -> list[tuple[str, int]]:
+    return [(r.request_id, n) for r, n in zip(plan.requests, plan.num_new_tokens, strict=True)]
+
+
+# ---- token budget and chunked prefill -------------------------------------------------------
+
+
+def test_long_prompt_is_chunked_beside_a_decode() -> None:
+    sched = make_scheduler(budget=32)
+    a = make_request(prompt=10, output=5, session="a")
+    add_session(sched, a)
+    assert batch(step(sched)[0]) == [("a-0", 10)]
+    b = make_request(prompt=100, output=2, session="b")
+    add_session(sched, b)
+    plans = [step(sched)[0] for _ in range(5)]
+    # The decode goes first and takes one token of the 32; the prompt gets the rest.
+    assert [batch(p) for p in plans] == [
+        [("a-0", 1), ("b-0", 31)],
+        [("a-0", 1), ("b-0", 31)],
+        [("a-0", 1), ("b-0", 31)],
+        [("a-0", 1), ("b-0", 7)],  # a samples its 5th token here and finishes
+        [("b-0", 1)],
+    ]
+    assert a.status is RequestStatus.FINISHED_LENGTH and b.status is RequestStatus.FINISHED_LENGTH
+    assert not sched.has_work
+
+
+def test_budget_is_never_exceeded_and_decodes_go_first() -> None:
+    sched = make_scheduler(budget=4, num_blocks=256)
+    decoders = [make_request(prompt=1, output=50) for _ in range(5)]
+    for r in decoders[:4]:
+        add_session(sched, r)
+    plan, _ = step(sched)
+    assert plan.num_new_tokens == [1, 1, 1, 1]
+    # A fifth request waits: the four running decodes take the whole budget every step.
+    add_session(sched, decoders[4])
+    for _ in range(10):
+        plan, _ = step(sched)
+        assert plan.requests == decoders[:4] and plan.total_tokens == 4
+        assert decoders[4].status is RequestStatus.WAITING
+    # Random mix: never more than the budget, running requests before newly started ones.
+    sched = make_scheduler(budget=24, num_blocks=512)
+    for i in range(12):
+        add_session(sched, make_request(prompt=5 + 7 * i, output=1 + i % 4))
+    for _ in range(200):
+        if not sched.has_work:
+            break
+        running_before = list(sched.running)
+        plan, _ = step(sched)
+        assert plan.total_tokens <= 24
+        flags = [r in running_before for r in plan.requests]
+        assert flags == sorted(flags, reverse=True), "a waiting prefill went before a running one"
+    assert not sched.has_work
+
+
+def test_token_counts_and_first_token_time() -> None:
+    sched = make_scheduler(budget=32)
+    req = make_request(prompt=100, output=4)
+    add_session(sched, req)
+    plans = []
+    while sched.has_work:
+        plans.append(step(sched)[0])
+    # Prefill 32+32+32+4 (the 4th step samples the first token), then 3 decodes.
+    assert [p.num_new_tokens for p in plans] == [[32], [32], [32], [4], [1], [1], [1]]
+    assert [p.context_lens for p in plans] == [[0], [32], [64], [96], [100], [101], [102]]
+    assert req.first_token_time == 4.0 and req.finish_time == 7.0
+    assert req.first_scheduled_time == 0.0
+    assert req.num_output_tokens == 4 and req.num_computed_tokens == 100 + 4 - 1
+    assert req.status is RequestStatus.FINISHED_LENGTH
+
+
+@pytest.mark.parametrize(("prompt", "output"), [(1, 1), (7, 1), (4, 9), (33, 2), (64, 64)])
+def test_finished_request_counts(prompt: int, output: int) -> None:
+    sched = make_scheduler(budget=16, num_blocks=64)
+    req = make_request(prompt=prompt, output=output)
+    add_session(sched, req)
+    (done,) = run_until_idle(sched)
+    assert done is req
+    assert req.num_computed_tokens == prompt + output - 1
+    assert req.num_output_tokens == output and req.num_tokens == prompt + output
+    assert sched.kv.usage == 0.0
+
+
+def test_max_num_seqs() -> None:
+    sched = make_scheduler(max_num_seqs=2, budget=64)
+    reqs = [make_request(prompt=3, output=4 + i) for i in range(5)]
+    for r in reqs:
+        add_session(sched, r)
+    plan, _ = step(sched)
+    assert plan.requests == reqs[:2]
+    while sched.has_work:
+        step(sched)
+        assert len(sched.running) <= 2
+    assert all(r.status is RequestStatus.FINISHED_LENGTH for r in reqs)
+    # The third starts right after the first finish (4 outputs: at the end of the 4th step).
+    assert reqs[2].first_scheduled_time == 4.0
+
+
+# ---- preemption (vLLM FCFS: newest running request, by recompute) ------------------------------
+
+
+def _two_decoders(num_blocks: int) -> tuple[Scheduler, RecordingFCFS, Request, Request]:
+    policy = RecordingFCFS()
+    sched = make_scheduler(num_blocks=num_blocks, block_size=4, budget=32, policy=policy)
+    a = make_request(prompt=8, output=20, session="a")
+    b = make_request(prompt=8, output=20, session="b")
+    add_session(sched, a)
+    add_session(sched, b)
+    return sched, policy, a, b
+
+
+def test_preempts_the_newest_running_request() -> None:
+    # 8 blocks of 4: a and b both start at 8 tokens (2 blocks each) and decode in lockstep; both
+    # need their 5th block when they reach 16 computed tokens (step 9), with no block left.
+    sched, policy, a, b = _two_decoders(num_blocks=8)
+    events: list[Event] = []
+    sched.bus.subscribe_all(events.append)
+    for _ in range(9):
+        plan, _ = step(sched)
+        assert not plan.preempted and len(plan.requests) == 2
+    c = make_request(prompt=4, output=1, session="c")  # small: would fit in what b frees
+    add_session(sched, c)
+    plan, _ = step(sched)
+    assert policy.victims == [("a-0", "b-0")]
+    assert plan.preempted == [b] and batch(plan) == [("a-0", 1)]
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.num_preemptions == 1 and sched.num_preemptions == 1
+    assert b.num_output_tokens == 9  # generated tokens are kept: they are recomputed as prompt
+    # Back at the front of the queue, ahead of c which was waiting already; in the step that
+    # preempted, the waiting queue is not tried at all.
+    assert sched.waiting == [b, c] and c.status is RequestStatus.WAITING
+    (preempt,) = [e for e in events if isinstance(e, GpuPreempt)]
+    assert preempt.request_id == "b-0" and preempt.lost_tokens == 16
+    # b cannot resume while a holds 5 blocks (its own cache is 3 blocks); c is behind it.
+    for _ in range(10):
+        plan, finished = step(sched)
+        assert batch(plan) == [("a-0", 1)]
+    assert finished == [a]
+    plan, _ = step(sched)
+    # a's decode evicted b's cached blocks down to 1 (4 tokens): 13 of 17 tokens recomputed.
+    assert batch(plan) == [("b-0", 13), ("c-0", 4)]
+    assert b.num_recomputed_tokens == 12 and sched.recomputed_tokens == 12
+    run_until_idle(sched)
+    assert b.num_computed_tokens == 8 + 20 - 1 and b.num_output_tokens == 20
+    assert b.num_cached_tokens == 0  # the first schedule's hit, not the resumption's
+    assert b.status is RequestStatus.FINISHED_LENGTH and c.status is RequestStatus.FINISHED_LENGTH
+    submits = [e.request_id for e in events if isinstance(e, GpuSubmit)]
+    assert submits == ["a-0", "b-0", "b-0", "c-0"]
+
+
+def test_newest_request_preempts_itself() -> None:
+    # One block more: a takes the last free block, then b finds none and is itself the newest.
+    sched, policy, a, b = _two_decoders(num_blocks=9)
+    for _ in range(9):
+        step(sched)
+    plan, _ = step(sched)
+    assert policy.victims == [("b-0", "b-0")]
+    assert plan.preempted == [b] and batch(plan) == [("a-0", 1)]
+    assert sched.running == [a] and sched.waiting == [b]
+    run_until_idle(sched)
+    # a evicted two of b's four cached blocks; 8 of b's 16 lost tokens come back from cache.
+    assert sched.recomputed_tokens == 8 == b.num_recomputed_tokens
+    assert a.num_preemptions == 0 and b.num_preemptions == 1
+    assert sched.kv.usage == 0.0
+
+
+def test_preemption_under_pressure_always_drains() -> None:
+    policy = RecordingFCFS()
+    sched = make_scheduler(num_blocks=16, block_size=2, budget=16, policy=policy)
+    reqs = [make_request(prompt=3 + i, output=8 + 2 * i) for i in range(6)]  # up to 26 tokens
+    for r in reqs:
+        add_session(sched, r)
+    preempted = 0
+    for _ in range(2000):
+        if not sched.has_work:
+            break
+        order = list(sched.running)
+        waiting_before = list(sched.waiting)
+        plan, _ = step(sched)
+        if plan.preempted:
+            preempted += len(plan.preempted)
+            # Victims are the newest running requests, taken from the end.
+            k = len(plan.preempted)
+            assert plan.preempted == order[::-1][:k]
+            assert sched.waiting[:k] == plan.preempted[::-1]
+            assert sched.waiting[k:] == waiting_before  # nothing started in that step
+            assert all(r in order for r in plan.requests)
+    assert not sched.has_work and preempted > 0
+    assert preempted == sched.num_preemptions == sum(r.num_preemptions for r in reqs)
+    assert all(r.num_output_tokens == r.max_tokens for r in reqs)
+    assert sched.recomputed_tokens == sum(r.num_recomputed_tokens for r in reqs) > 0
+
+
+# ---- head-of-line blocking ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "started"), [(FCFSPolicy(), []), (NoHeadOfLine(), ["c-0"])])
+def test_first_waiting_request_that_does_not_fit_stops_the_fill(
+    policy: FCFSPolicy, started: list[str]
+) -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4, budget=32, policy=policy)
+    add_session(sched, make_request(prompt=23, output=5, session="a"))  # 6 of 8 blocks
+    step(sched)
+    add_session(sched, make_request(prompt=20, output=1, session="b"))  # needs 5 blocks
+    add_session(sched, make_request(prompt=4, output=1, session="c"))  # needs 1 block
+    plan, _ = step(sched)
+    assert [r.request_id for r in plan.requests] == ["a-0", *started]
+    assert [r.request_id for r in sched.waiting] == ["b-0"] + (["c-0"] if not started else [])
+
+
+# ---- prefix reuse across turns -------------------------------------------------------------
+
+
+def _second_turn(prompt0: int, output0: int, prompt1: int, reuse1: int, bs: int = 4) -> Request:
+    sched = make_scheduler(num_blocks=256, block_size=bs, budget=4096)
+    add_session(sched, make_request(prompt0, output0, session="p", turn=0))
+    run_until_idle(sched)
+    req = make_request(prompt1, 3, reuse=reuse1, session="p", turn=1)
+    add_session(sched, req)
+    other = make_request(prompt1, 3, reuse=reuse1, session="q", turn=1)
+    add_session(sched, other)
+    run_until_idle(sched)
+    assert other.num_cached_tokens == 0  # another session never hits p's cache
+    assert sched.hit_tokens == req.num_cached_tokens
+    assert sched.prompt_tokens == prompt0 + 2 * prompt1
+    return req
+
+
+@pytest.mark.parametrize(
+    ("prompt0", "output0", "prompt1", "reuse1", "bs", "cached"),
+    [
+        (10, 5, 30, 15, 4, 12),  # appended history: the 14 computed tokens hold 3 full blocks
+        (10, 6, 30, 16, 4, 12),  # 16 reusable, but the last output token never had KV computed
+        (10, 7, 30, 17, 4, 16),
+        (10, 5, 15, 15, 4, 12),  # prompt == previous sequence: one token must still be computed
+        (13, 4, 17, 17, 1, 16),  # block size 1: all but the last token
+        (40, 9, 30, 6, 4, 4),  # rewritten history: only the shared prefix (system + task)
+        (40, 9, 30, 3, 4, 0),  # less than one block reusable
+        (40, 9, 60, 49, 16, 48),
+    ],
+)
+def test_second_turn_prefix_hit(
+    prompt0: int, output0: int, prompt1: int, reuse1: int, bs: int, cached: int
+) -> None:
+    expected = min(reuse1, prompt1 - 1, prompt0 + output0 - 1) // bs * bs
+    assert cached == expected
+    req = _second_turn(prompt0, output0, prompt1, reuse1, bs)
+    assert req.num_cached_tokens == cached
+    assert req.num_recomputed_tokens == reuse1 - cached
+    assert req.num_computed_tokens == prompt1 + 3 - 1
+
+
+def test_evicted_cache_is_recomputed() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4, budget=64)
+    add_session(sched, make_request(10, 5, session="p", turn=0))
+    run_until_idle(sched)
+    assert sched.kv.residency("p") is Residency.CACHED and sched.kv.cached_tokens("p") == 12
+    add_session(sched, make_request(30, 1, session="q"))  # needs all 8 blocks: evicts p
+    run_until_idle(sched)
+    assert sched.kv.residency("p") is Residency.DROPPED
+    req = make_request(20, 2, reuse=15, session="p", turn=1)
+    add_session(sched, req)
+    run_until_idle(sched)
+    assert req.num_cached_tokens == 0 and req.num_recomputed_tokens == 15
+    assert sched.recomputed_tokens == 15
+    # The turn-0 request of q itself reused nothing and recomputed nothing.
+    assert sched.prompt_tokens == 10 + 30 + 20 and sched.hit_tokens == 0
+
+
+# ---- aborts ---------------------------------------------------------------------------------
+
+
+def test_abort_waiting_and_running_requests_frees_kv() -> None:
+    sched = make_scheduler(num_blocks=16, block_size=4, budget=32)
+    events: list[Event] = []
+    sched.bus.subscribe_all(events.append)
+    run = make_request(prompt=50, output=3, session="r")
+    wait = make_request(prompt=40, output=3, session="w")
+    add_session(sched, run)
+    add_session(sched, wait)
+    step(sched)  # run: 32 tokens (8 blocks); wait does not start (no budget left)
+    assert run.status is RequestStatus.RUNNING and wait.status is RequestStatus.WAITING
+    assert sched.kv.usage == 8 / 16
+    assert sched.abort("w-0") is wait
+    assert wait.status is RequestStatus.FINISHED_ABORTED and wait.finish_time == 1.0
+    assert sched.waiting == []
+    plan = sched.schedule()  # run is mid-step when its client goes away
+    assert sched.abort("r-0") is run
+    sched.kv.check_integrity()
+    assert run.status is RequestStatus.FINISHED_ABORTED and sched.running == []
+    assert sched.kv.usage == 0.0 and sched.kv.num_free_blocks == 16
+    assert sched.update(plan, StepResult(plan.step_id, 0.0)) == []
+    assert run.num_computed_tokens == 32  # the aborted step's tokens are not applied
+    (end,) = [e for e in events if isinstance(e, GpuEnd)]
+    assert end.request_id == "r-0" and end.aborted
+    assert sched.abort("r-0") is None and not sched.has_work
+    for sid in ("r", "w"):
+        sched.kv.end_session(sid)
+        assert sched.kv.residency(sid) is Residency.NONE
+    sched.kv.check_integrity()
+    assert sched.kv.num_free_blocks == 16 and sched.kv.stats().evictions == 0
+
+
+def test_abort_preempted_request() -> None:
+    sched, _, a, b = _two_decoders(num_blocks=8)
+    for _ in range(10):
+        step(sched)
+    assert b.status is RequestStatus.PREEMPTED
+    assert sched.abort("b-0") is b and b.status is RequestStatus.FINISHED_ABORTED
+    assert sched.waiting == []
+    run_until_idle(sched)
+    assert a.status is RequestStatus.FINISHED_LENGTH and sched.kv.usage == 0.0
+    assert sched.recomputed_tokens == 0  # b never resumed
+
+
+# ---- random workloads: everything finishes, exact token accounting ----------------------------
+
+
+@dataclass
+class _Turn:
+    prompt: int
+    output: int
+    reuse: int
+    delay: int  # steps between the previous turn's end (or the start) and this call
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[list[list[_Turn]], int, int, int, int]:
+    bs = draw(st.sampled_from([1, 2, 4]))
+    sessions: list[list[_Turn]] = []
+    for _ in range(draw(st.integers(1, 5))):
+        turns: list[_Turn] = []
+        prev = 0
+        for i in range(draw(st.integers(1, 4))):
+            prompt = draw(st.integers(1, 40))
+            output = draw(st.integers(1, 8))
+            reuse = 0 if i == 0 else draw(st.integers(0, min(prompt, prev)))
+            turns.append(_Turn(prompt, output, reuse, draw(st.integers(0, 3))))
+            prev = prompt + output
+        sessions.append(turns)
+    need = max(t.prompt + t.output for s in sessions for t in s)
+    blocks = -(-need // bs) + draw(st.integers(0, 6))
+    budget = draw(st.integers(1, 48))
+    max_seqs = draw(st.integers(1, 4))
+    return sessions, bs, blocks, budget, max_seqs
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads())
+def test_random_workloads_finish_with_exact_accounting(
+    w: tuple[list[list[_Turn]], int, int, int, int],
+) -> None:
+    sessions, bs, blocks, budget, max_seqs = w
+    sched = make_scheduler(num_blocks=blocks, block_size=bs, budget=budget, max_num_seqs=max_seqs)
+    due: dict[int, int] = {i: s[0].delay for i, s in enumerate(sessions)}  # session -> step
+    nxt = dict.fromkeys(range(len(sessions)), 0)
+    reqs: list[tuple[Request, _Turn]] = []
+    computed = 0
+    for n in range(20_000):
+        for i in [i for i, at in due.items() if at <= n]:
+            del due[i]
+            t = sessions[i][nxt[i]]
+            req = make_request(t.prompt, t.output, t.reuse, session=f"S{i}", turn=nxt[i])
+            add_session(sched, req)
+            reqs.append((req, t))
+        if not sched.has_work:
+            if not due:
+                break
+            continue
+        plan, finished = step(sched)
+        assert plan.total_tokens <= budget and len(sched.running) <= max_seqs
+        assert all(k > 0 for k in plan.num_new_tokens)
+        computed += plan.total_tokens
+        for req in finished:
+            i = int(req.session_id[1:])
+            nxt[i] += 1
+            if nxt[i] < len(sessions[i]):
+                due[i] = n + 1 + sessions[i][nxt[i]].delay
+            else:
+                sched.kv.end_session(req.session_id)
+                sched.kv.check_integrity()
+    else:
+        raise AssertionError("workload did not drain")
+    assert len(reqs) == sum(len(s) for s in sessions)
+    for req, t in reqs:
+        assert req.status is RequestStatus.FINISHED_LENGTH
+        assert req.num_output_tokens == t.output
+        assert req.num_computed_tokens == t.prompt + t.output - 1
+        assert 0 <= req.num_cached_tokens <= min(t.reuse, t.prompt - 1)
+        assert req.num_cached_tokens % bs == 0
+    # Every token with KV at the end was computed once, except the reused ones; plus whatever
+    # was computed again (cache misses on reusable tokens, lost work of preemptions).
+    assert computed == sum(
+        t.prompt + t.output - 1 - t.reuse + req.num_recomputed_tokens for req, t in reqs
+    )
+    assert sched.recomputed_tokens == sum(req.num_recomputed_tokens for req, _ in reqs)
+    assert sched.prompt_tokens == sum(t.prompt for _, t in reqs)
+    assert sched.hit_tokens == sum(req.num_cached_tokens for req, _ in reqs)
+    assert sched.num_preemptions == sum(req.num_preemptions for req, _ in reqs)
+    assert sched.kv.usage == 0.0 and sched.kv.num_free_blocks == blocks
+
+
+# ---- decode fast-forward ------------------------------------------------------------------------
+
+
+def _state(
+    sched: Scheduler, reqs: Sequence[Request], first_token: bool = False
+) -> tuple[object, ...]:
+    # first_token_time is left out by default: see test_fast_forward_first_token_time (a bug).
+    return (
+        [
+            (
+                r.request_id,
+                r.status,
+                r.num_computed_tokens,
+                r.num_output_tokens,
+                r.num_cached_tokens,
+                r.num_recomputed_tokens,
+                r.num_preemptions,
+                r.first_token_time if first_token else None,
+                r.finish_time,
+            )
+            for r in reqs
+        ],
+        [r.request_id for r in sched.running],
+        [r.request_id for r in sched.waiting],
+        sched.kv.usage,
+        sched.kv.num_free_blocks,
+        sched.kv.stats(),
+        sched.recomputed_tokens,
+        sched.num_preemptions,
+        sched._next_step,
+    )
+
+
+def test_decode_horizon_conditions() -> None:
+    sched = make_scheduler(num_blocks=64, block_size=4, budget=64)
+    add_session(sched, make_request(prompt=10, output=6, session="a"))
+    add_session(sched, make_request(prompt=4, output=9, session="b"))
+    assert sched.decode_horizon() == 0  # nothing running yet
+    step(sched)
+    assert sched.decode_horizon() == 5  # until a's 6th token
+    add_session(sched, make_request(prompt=4, output=2, session="c"))
+    assert sched.decode_horizon() == 0  # c could start at the next step
+    step(sched)
+    assert sched.decode_horizon() == 1  # c decodes now and has one token left
+    # KV-limited: a and b hold 1 block each, 4 are free.
+    sched = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    add_session(sched, make_request(prompt=4, output=20, session="a"))
+    add_session(sched, make_request(prompt=4, output=20, session="b"))
+    step(sched)
+    # k=19 would need 5+5 more blocks; 9: 3+3; 4: 1+1, which fits.
+    assert sched.kv.num_free_blocks == 4 and sched.decode_horizon() == 4
+
+
+def _drive(
+    sched: Scheduler, use_ff: bool, first_token: bool = False
+) -> dict[int, tuple[object, ...]]:
+    """Drive to idle; with `use_ff` every horizon >= 2 is taken in one call. Returns the state
+    after each stretch, keyed by the number of steps done."""
+    reqs = sorted([*sched.waiting, *sched.running], key=lambda r: r.request_id)
+    snaps: dict[int, tuple[object, ...]] = {}
+    n = 0
+    while sched.has_work:
+        assert n < 5000, "did not drain"
+        k = sched.decode_horizon() if use_ff else 0
+        if k >= 2:
+            clock_of(sched).advance(float(k))
+            sched.advance_decode(k)
+            sched.kv.check_integrity()
+            n += k
+        else:
+            step(sched)
+            n += 1
+        snaps[n] = _state(sched, reqs, first_token)
+    return snaps
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=6),
+    blocks=st.integers(0, 12),
+    bs=st.sampled_from([1, 2, 4]),
+    budget=st.integers(2, 40),
+    max_seqs=st.integers(1, 4),
+)
+def test_advance_decode_matches_single_steps(
+    reqs: list[tuple[int, int]], blocks: int, bs: int, budget: int, max_seqs: int
+) -> None:
+    num_blocks = max(-(-(p + o) // bs) for p, o in reqs) + blocks
+    sched = make_scheduler(
+        num_blocks=num_blocks, block_size=bs, budget=budget, max_num_seqs=max_seqs
+    )
+    for i, (p, o) in enumerate(reqs):
+        add_session(sched, make_request(p, o, session=f"r{i}"))
+    twin = copy.deepcopy(sched)
+    fast = _drive(sched, use_ff=True)
+    slow = _drive(twin, use_ff=False)
+    assert max(fast) == max(slow)
+    for n, state in fast.items():
+        assert slow[n] == state, f"state differs after {n} steps"
+
+
+def test_advance_decode_past_a_blocked_queue() -> None:
+    sched = make_scheduler(num_blocks=10, block_size=4, budget=64)
+    a = make_request(prompt=12, output=12, session="a")
+    add_session(sched, a)
+    step(sched)
+    b = make_request(prompt=30, output=2, session="b")  # needs 8 blocks, 7 are free
+    add_session(sched, b)
+    plan, _ = step(sched)
+    assert batch(plan) == [("a-0", 1)]
+    k = sched.decode_horizon()
+    assert k == 10  # a's remaining tokens; the 2 more blocks they need fit the 6 free
+    twin = copy.deepcopy(sched)
+    clock_of(sched).advance(float(k))
+    assert sched.advance_decode(k) == [a]
+    done: list[Request] = []
+    for _ in range(k):
+        plan, fin = step(twin)
+        assert batch(plan) == [("a-0", 1)]
+        done += fin
+    assert [r.request_id for r in done] == ["a-0"]
+    twin_reqs = sorted([*twin.waiting, *done], key=lambda r: r.request_id)
+    assert _state(sched, [a, b], first_token=True) == _state(twin, twin_reqs, first_token=True)
+
+
+def test_decode_horizon_is_zero_during_a_prefill() -> None:
+    sched = make_scheduler(budget=8)
+    add_session(sched, make_request(prompt=20, output=5, session="a"))
+    step(sched)
+    assert sched.decode_horizon() == 0  # 12 prompt tokens left
+
+
+def test_fast_forward_first_token_time() -> None:
+    # Prompt 9, budget 8: the first step leaves one prompt token; the next step samples the
+    # first token. decode_horizon() returns 4 there (num_computed == num_tokens - 1 looks like
+    # a decode), and advance_decode(4) stamps first_token_time at the end of the stretch: 5.0.
+    sched = make_scheduler(budget=8)
+    add_session(sched, make_request(prompt=9, output=4, session="a"))
+    twin = copy.deepcopy(sched)
+    fast = _drive(sched, use_ff=True, first_token=True)
+    slow = _drive(twin, use_ff=False, first_token=True)
+    assert twin.sessions["a"].turns[0].request.first_token_time == 2.0
+    assert sched.sessions["a"].turns[0].request.first_token_time == 2.0
+    assert fast == {n: slow[n] for n in fast}
