@@ -81,7 +81,6 @@ def raw_batched_decode(threads: int) -> float:
         L.llama_sampler_free(chain)
     L.llama_batch_free(batch)
     L.llama_free(ctx)
-    del ctypes
     return STREAMS * (DECODE_TOKENS - 1) / dt
 
 

@@ -332,7 +332,10 @@ class LiveEngine:
         )
 
     def _send(self, stream: _Stream, chunk: Chunk) -> None:
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, chunk)
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, chunk)
+        except RuntimeError:  # the client's event loop is gone: its abort is on the way
+            stream.done = True
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
