@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +19,11 @@ from mars.core.events import EventBus
 from mars.core.request import Request, RequestStatus
 from mars.core.session import Session, SessionStatus, Turn
 from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor
+from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
 from mars.engine.sampling import SamplingParams
 from mars.kv.manager import KVConfig, KVManager
-from mars.sched.plan import StepResult
+from mars.sched.plan import StepPlan, StepResult
 from mars.sched.registry import make_policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -82,6 +82,7 @@ class LiveEngine:
             self.sessions,
         )
         self.policy_name = policy
+        self.core = EngineCore(self.scheduler, self.executor)
         self._streams: dict[str, _Stream] = {}
         self._last_seq: dict[str, list[int]] = {}  # session -> tokens of its last finished call
         self._inbox: list[Callable[[], None]] = []
@@ -90,9 +91,6 @@ class LiveEngine:
         self._stop = False
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        self.steps = 0
-        self.step_s = 0.0  # time inside execute()
-        self.sched_s = 0.0  # time in schedule() + update(): the scheduling overhead
         self.generated_tokens = 0
         self.error: BaseException | None = None
 
@@ -132,7 +130,8 @@ class LiveEngine:
         rid = f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
-        self._post(lambda: self._admit(session_id, rid, prompt, params, loop, queue))
+        arrival = self.clock.now()
+        self._post(lambda: self._admit(session_id, rid, prompt, params, loop, queue, arrival))
         finished = False
         try:
             while True:
@@ -165,10 +164,10 @@ class LiveEngine:
             "offloads": kv.offloads,
             "restores": kv.restores,
             "host_kv_bytes": self.executor.offload_bytes,
-            "steps": self.steps,
+            "steps": self.core.steps,
             "generated_tokens": self.generated_tokens,
-            "step_s": self.step_s,
-            "sched_s": self.sched_s,
+            "step_s": self.core.execute_s,  # time inside llama_decode and sampling
+            "sched_s": self.core.schedule_s,  # time in schedule() + update()
         }
 
     # ---- engine thread ------------------------------------------------------------------------
@@ -180,10 +179,11 @@ class LiveEngine:
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[Chunk],
+        arrival: float,
     ) -> None:
         session = self.sessions.get(session_id)
         if session is None:
-            session = Session(session_id, self.clock.now(), status=SessionStatus.LLM)
+            session = Session(session_id, arrival, status=SessionStatus.LLM)
             session.admitted_time = session.arrival_time
             self.sessions[session_id] = session
         prev = self._last_seq.get(session_id, [])
@@ -254,30 +254,21 @@ class LiveEngine:
             raise
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        t1 = time.perf_counter()
-        if plan.is_empty:
+        outcome = self.core.step(self._stops)
+        if outcome is None:
             self._wake.wait(0.01)
             return
-        result = self.executor.execute(plan)
-        t2 = time.perf_counter()
+        for req in outcome.finished:
+            self._finish(req)
+
+    def _stops(self, plan: StepPlan, result: StepResult) -> frozenset[str]:
         stopped: set[str] = set()
         for req, tok in zip(plan.requests, result.token_ids or [], strict=True):
             if tok is not None:
                 self.generated_tokens += 1
                 if self._text(req, tok):
                     stopped.add(req.request_id)
-        t3 = time.perf_counter()
-        finished = self.scheduler.update(
-            plan, StepResult(plan.step_id, t2 - t1, result.token_ids, frozenset(stopped))
-        )
-        t4 = time.perf_counter()
-        self.steps += 1
-        self.step_s += t2 - t1
-        self.sched_s += (t1 - t0) + (t4 - t3)
-        for req in finished:
-            self._finish(req)
+        return frozenset(stopped)
 
     def _text(self, req: Request, tok: int) -> bool:
         """Turn a sampled token into text for its client; True if the output must stop here."""

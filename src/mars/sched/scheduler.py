@@ -69,7 +69,7 @@ class Scheduler:
         if self.bus.wants(RequestEmit):
             self.bus.publish(
                 RequestEmit(
-                    self.clock.now(),
+                    req.arrival_time,
                     req.session_id,
                     req.request_id,
                     req.num_prompt_tokens,
