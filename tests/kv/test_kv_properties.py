@@ -18,10 +18,13 @@ _fresh = itertools.count(1)
 
 
 class KVMachine(RuleBasedStateMachine):
+    max_sequences: int | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.kv = KVManager(
-            KVConfig(num_blocks=24, block_size=BS, host_capacity_tokens=40), SimClock()
+            KVConfig(24, BS, host_capacity_tokens=40, max_sequences=self.max_sequences),
+            SimClock(),
         )
         self.seq: dict[str, list[int]] = {}  # session -> token ids of its latest sequence
         self.running: dict[str, tuple[Request, list[int]]] = {}
@@ -114,7 +117,18 @@ class KVMachine(RuleBasedStateMachine):
     @invariant()
     def integrity(self) -> None:
         self.kv.check_integrity()
+        if self.max_sequences is not None:
+            on_gpu = sum(1 for c in self.kv._chains.values() if c.blocks)
+            assert on_gpu <= self.max_sequences, f"{on_gpu} sessions hold KV"
+
+
+class SlotLimitedKVMachine(KVMachine):
+    """As a llama.cpp context: at most 2 sessions hold KV at once (sequence slots)."""
+
+    max_sequences = 2
 
 
 KVMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+SlotLimitedKVMachine.TestCase.settings = KVMachine.TestCase.settings
 TestKVProperties = KVMachine.TestCase
+TestSlotLimitedKVProperties = SlotLimitedKVMachine.TestCase
