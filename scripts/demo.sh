@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Set everything up, then run the main job: the simulated vLLM-FCFS capacity curve on the shared
-# SWE-bench agent traces (H100, Qwen3-Coder-30B-A3B, 200 sessions, closed loop 8..128).
+# Set everything up, then run the main job: `mars serve`, an OpenAI-compatible server on the
+# embedded llama.cpp engine with the default model (SmolLM2-135M-Instruct), on 127.0.0.1:8000.
+# Extra arguments go to `mars serve` (e.g. --port 9000 --policy fcfs --kv-tokens 16384).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-TRACES=${TRACES:-../shared/traces/traces.jsonl}
-mkdir -p out
-exec .venv/bin/mars capacity --traces "$TRACES" --sessions "${SESSIONS:-200}" \
-  --json out/capacity_fcfs.json "$@"
+export HF_HUB_OFFLINE=1
+exec .venv/bin/mars serve "$@"

@@ -1,4 +1,4 @@
-"""The `mars` command line: `mars sim`, `mars capacity`, `mars costmodel`, `mars policies`."""
+"""The `mars` command line: `mars serve`, `sim`, `capacity`, `costmodel`, `policies`."""
 
 from __future__ import annotations
 
@@ -31,11 +31,91 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mars", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_serve(sub)
     _add_sim(sub)
     _add_capacity(sub)
     add_costmodel_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction[Parser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server on the embedded llama.cpp engine",
+        description=(
+            "Serve /v1/chat/completions, /v1/completions, /v1/models, /metrics, "
+            "/v1/kv_cache_stats and /health on the embedded llama.cpp engine, scheduled by mars."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MARS_API_KEY)")
+    p.add_argument("--model", help="GGUF model file (default: SmolLM2-135M-Instruct, bundled)")
+    p.add_argument("--kv-tokens", type=positive_int, default=16384, help="KV cache size, tokens")
+    p.add_argument(
+        "--max-sessions",
+        type=positive_int,
+        default=32,
+        help="sessions whose KV may stay in the engine at once (sequence slots)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=positive_int,
+        default=512,
+        help="most tokens per engine step (prefill chunk budget)",
+    )
+    p.add_argument(
+        "--host-kv-tokens",
+        type=non_negative_int,
+        default=65536,
+        help="host-memory budget for offloaded KV, tokens (0: no offloading)",
+    )
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--session-idle-timeout",
+        type=positive_float,
+        default=900.0,
+        help="end a session after this many seconds without a request",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.policy not in policy_names():
+        raise UsageError(
+            f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import uvicorn
+
+        from mars.engine.live import LiveEngine
+        from mars.engine.llamacpp import ExecutorConfig
+        from mars.engine.model import Model, default_model_path
+        from mars.server.app import ServerConfig, create_app
+    except ImportError as e:
+        raise UsageError(f"{e.name} is not installed: run ./scripts/setup.sh") from None
+    try:
+        path = Path(args.model) if args.model else default_model_path()
+        if not path.is_file():
+            raise UsageError(f"--model {path}: no such file (give a GGUF model file)")
+        config = ExecutorConfig(args.kv_tokens, args.max_sessions, args.batch_tokens, args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+    def make_engine() -> LiveEngine:
+        return LiveEngine(Model(path), config, args.policy, args.host_kv_tokens)
+
+    api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
+    app = create_app(make_engine, ServerConfig(api_key, args.session_idle_timeout))
+    print(
+        f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
+        f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -213,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sim":
             return run_sim(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.command == "capacity":
             return run_capacity(args)
         if args.command == "costmodel":

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mars.core.clock import WallClock
-from mars.core.events import EventBus
+from mars.core.events import EventBus, ToolEnd
 from mars.core.request import Request, RequestStatus
-from mars.core.session import Session, SessionStatus, Turn
+from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor
 from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
@@ -117,7 +117,11 @@ class LiveEngine:
 
     # ---- client API (any thread / event loop) -------------------------------------------------
     async def generate(
-        self, session_id: str, prompt: list[int], params: SamplingParams
+        self,
+        session_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        tool_name: str | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a request's output; closing the iterator early aborts the request."""
         if not prompt:
@@ -131,7 +135,9 @@ class LiveEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
         arrival = self.clock.now()
-        self._post(lambda: self._admit(session_id, rid, prompt, params, loop, queue, arrival))
+        self._post(
+            lambda: self._admit(session_id, rid, prompt, params, loop, queue, arrival, tool_name)
+        )
         finished = False
         try:
             while True:
@@ -180,6 +186,7 @@ class LiveEngine:
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[Chunk],
         arrival: float,
+        tool_name: str | None,
     ) -> None:
         session = self.sessions.get(session_id)
         if session is None:
@@ -200,6 +207,15 @@ class LiveEngine:
         for turn in session.turns:
             if not turn.request.is_finished:  # one call at a time per session: the newest wins
                 self._abort(turn.request.request_id)
+        last = session.turns[-1].request if session.turns else None
+        if last is not None and last.finish_time is not None:
+            # Every answer opened a tool phase (the agent ran something or thought); this call
+            # closes it. Its category is the marker's tool name when the agent sends one.
+            phase = ToolCall(tool_name or "unknown", False, last.finish_time, arrival)
+            session.turns[-1].tools.append(phase)
+            self.bus.publish(
+                ToolEnd(arrival, session_id, phase.category, arrival - last.finish_time, 0.0)
+            )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
         self.executor.add(req, prompt, params)
