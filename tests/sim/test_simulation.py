@@ -46,7 +46,7 @@ COST = CostModel(resolve_gpu("h100"), resolve_model("qwen3-coder-30b-a3b"))
 def run_sim(
     specs: Sequence[SessionSpec],
     arrivals: Arrivals | None = None,
-    config: SimConfig = SimConfig(),
+    config: SimConfig | None = None,
     policy: Policy | None = None,
     bus: EventBus | None = None,
 ) -> SimOutcome:
@@ -55,7 +55,7 @@ def run_sim(
         policy or FCFSPolicy(),
         COST,
         arrivals or Arrivals(concurrency=len(specs)),
-        config,
+        config or SimConfig(),
         bus=bus,
     ).run()
 
@@ -215,7 +215,7 @@ def test_arrival_at_a_step_end_joins_the_next_step() -> None:
     a = make_spec([(1000, 3, 0, -1.0)], sid="a")
     b = make_spec([(700, 2, 0, -1.0)], sid="b")
     t1 = COST.predict([(1000, 0)]).step_s  # a's prefill ends exactly when b arrives
-    out, events = recorded([a, b], arrivals=Arrivals(times=(0.0, t1)))
+    _, events = recorded([a, b], arrivals=Arrivals(times=(0.0, t1)))
     submits = {e.session_id: e.time for e in events if isinstance(e, GpuSubmit)}
     firsts = {e.session_id: e.time for e in events if isinstance(e, GpuFirstToken)}
     assert submits == {"a": 0.0, "b": t1}
@@ -349,15 +349,14 @@ def reachable(roots: Sequence[object], limit: int = 200_000) -> list[object]:
     stack = list(roots)
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, _ATOMS) or isinstance(obj, _OPAQUE):
+        if id(obj) in seen or isinstance(obj, (*_ATOMS, *_OPAQUE)):
             continue
         seen.add(id(obj))
         out.append(obj)
         assert len(out) <= limit, "object graph too large to check"
         if isinstance(obj, types.FunctionType):
-            stack.extend(
-                [obj.__closure__, obj.__defaults__, obj.__kwdefaults__, obj.__dict__]  # type: ignore[list-item]
-            )
+            parts: list[object] = [obj.__closure__, obj.__defaults__, obj.__kwdefaults__]
+            stack.extend([*parts, obj.__dict__])
         else:
             stack.extend(gc.get_referents(obj))
     return out
