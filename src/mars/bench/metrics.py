@@ -82,7 +82,9 @@ def summarize(sessions: Sequence[SessionResult], alpha: float = GOODPUT_ALPHA) -
         },
         "throughput": {
             "sessions_per_s": len(done) / span if span > 0 else 0.0,
-            "steady_sessions_per_s": steady_throughput([s.done_s for s in done if s.done_s]),
+            "steady_sessions_per_s": steady_throughput(
+                [s.done_s for s in done if s.done_s is not None]
+            ),
             "output_tokens_per_s": sum(s.output_tokens for s in done) / span if span > 0 else 0.0,
         },
         "span_s": span,
