@@ -119,7 +119,7 @@ def test_forced_tool_call(client: openai.OpenAI) -> None:
             "function": {
                 "name": "run_tests",
                 "description": "Run the test suite of a path",
-                # A 135M model rambles inside free strings: bound the path, as real schemas often do.
+                # A 135M model rambles inside free strings: bound the path (real schemas do too).
                 "parameters": {
                     "type": "object",
                     "properties": {
