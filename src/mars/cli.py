@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_policy(name: str) -> None:
+    if name not in policy_names():
+        raise UsageError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
+
+
 def _add_serve(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -82,10 +87,7 @@ def _add_serve(sub: argparse._SubParsersAction[Parser]) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if args.policy not in policy_names():
-        raise UsageError(
-            f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
-        )
+    _check_policy(args.policy)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import uvicorn
@@ -180,10 +182,7 @@ def _int_list(text: str) -> list[int]:
 def _spec(args: argparse.Namespace, **load: Any) -> Any:
     from mars.sim.experiment import SimSpec, make_cost_model
 
-    if args.policy not in policy_names():
-        raise UsageError(
-            f"unknown policy {args.policy!r}; valid policies: {', '.join(policy_names())}"
-        )
+    _check_policy(args.policy)
     spec = SimSpec(
         traces=args.traces,
         policy=args.policy,
