@@ -324,3 +324,51 @@ def test_api_key(keyed_server: str) -> None:
     good = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=KEY)
     r = good.chat.completions.create(model="default", messages=ask("hi"), max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def _turns(base: str, sid: str, **extra: object) -> tuple[int, int]:
+    """Two turns of one session; (cached tokens of the second, prompt tokens of the first)."""
+    history = ask("Describe a unit test. " + "Keep it short. " * 40)
+    first = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=120,
+        json={"messages": history, "max_tokens": 4, "temperature": 0, "session_id": sid, **extra},
+    )
+    history += [
+        {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "exit code 0"},
+    ]
+    second = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=120,
+        json={"messages": history, "max_tokens": 2, "temperature": 0, "session_id": sid},
+    )
+    return (
+        second.json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+        first.json()["usage"]["prompt_tokens"],
+    )
+
+
+def test_is_last_step_ends_the_session(server: str) -> None:
+    kept, prompt = _turns(server, "keeps")
+    assert kept >= prompt - 2
+    ended, _ = _turns(server, "ends", is_last_step=True)
+    assert ended == 0
+
+
+@pytest.fixture(scope="module")
+def short_idle_server() -> Iterator[str]:
+    yield from _serve("--session-idle-timeout", "1")
+
+
+def test_idle_sessions_end(short_idle_server: str) -> None:
+    base = short_idle_server
+    history = ask("Describe a unit test. " + "Keep it short. " * 40)
+    body = {"messages": history, "max_tokens": 2, "temperature": 0, "session_id": "idle"}
+    first = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    time.sleep(2.5)  # past the 1 s idle timeout: the session and its KV are gone
+    again = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    quick = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    assert quick["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
