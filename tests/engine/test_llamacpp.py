@@ -184,3 +184,27 @@ def test_abandoned_stream_aborts_and_frees_its_kv(model: Model) -> None:
         engine.kv.check_integrity()
     finally:
         engine.shutdown()
+
+
+def test_parallel_calls_of_one_session_both_finish(model: Model) -> None:
+    engine = make_engine(model)
+    try:
+        prompt = text_prompt(model, 60)
+
+        async def both() -> list[list[Chunk]]:
+            async def one() -> list[Chunk]:
+                return [c async for c in engine.generate("same", prompt, GREEDY)]
+
+            return list(await asyncio.gather(one(), one()))
+
+        a, b = asyncio.run(both())
+        assert a[-1].finish_reason == b[-1].finish_reason == "length"
+        engine.end_session("same")
+        for _ in range(50):
+            if not engine.sessions:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert not engine.sessions and engine.kv.cached_tokens("same#1") == 0
+        engine.kv.check_integrity()
+    finally:
+        engine.shutdown()

@@ -191,6 +191,15 @@ class LiveEngine:
         tool_name: str | None,
     ) -> None:
         session = self.sessions.get(session_id)
+        while (
+            session is not None
+            and session.current is not None
+            and (not session.current.is_finished)
+        ):
+            # A call while the session's previous one still runs (parallel calls, or agents that
+            # share a fingerprint) is its own sub-session: both run, each with its own KV.
+            session_id = _sibling(session_id)
+            session = self.sessions.get(session_id)
         if session is None:
             session = Session(session_id, arrival, status=SessionStatus.LLM)
             session.admitted_time = session.arrival_time
@@ -203,12 +212,9 @@ class LiveEngine:
             len(prompt),
             params.max_tokens,
             reuse,
-            self.clock.now(),
+            arrival,
             len(session.turns),
         )
-        for turn in session.turns:
-            if not turn.request.is_finished:  # one call at a time per session: the newest wins
-                self._abort(turn.request.request_id)
         last = session.turns[-1].request if session.turns else None
         if last is not None and last.finish_time is not None:
             # Every answer opened a tool phase (the agent ran something or thought); this call
@@ -244,14 +250,14 @@ class LiveEngine:
             )
 
     def _end_session(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
-        if session is None:
-            return
-        for turn in session.turns:
-            if not turn.request.is_finished:
-                self._abort(turn.request.request_id)
-        self.kv.end_session(session_id)
-        self._last_seq.pop(session_id, None)
+        """End a session and the sub-sessions its parallel calls opened."""
+        for sid in [k for k in self.sessions if k == session_id or k.startswith(session_id + "#")]:
+            session = self.sessions.pop(sid)
+            for turn in session.turns:
+                if not turn.request.is_finished:
+                    self._abort(turn.request.request_id)
+            self.kv.end_session(sid)
+            self._last_seq.pop(sid, None)
 
     def _run(self) -> None:
         try:
@@ -353,6 +359,11 @@ class LiveEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, chunk)
         except RuntimeError:  # the client's event loop is gone: its abort is on the way
             stream.done = True
+
+
+def _sibling(session_id: str) -> str:
+    base, sep, n = session_id.rpartition("#")
+    return f"{base}#{int(n) + 1}" if sep and n.isdigit() else f"{session_id}#1"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
