@@ -435,6 +435,10 @@ class FutureCheck:
         self._check("retention", session, req)
         return self.inner.retention(session, req)
 
+    def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]:
+        self._check("order_admission", queued)
+        return self.inner.order_admission(queued)
+
     def admit(self, session: Session) -> Admission:
         self._check("admit", session)
         return self.inner.admit(session)
@@ -477,7 +481,14 @@ def test_policy_sees_only_the_past(name: str) -> None:
     out = sim.run()
     assert all(r.done_s is not None for r in out.records)
     assert out.preemptions > 0
-    for method in ("order_waiting", "order_running", "pick_victim", "retention", "admit"):
+    for method in (
+        "order_waiting",
+        "order_running",
+        "pick_victim",
+        "retention",
+        "order_admission",
+        "admit",
+    ):
         assert spy.calls[method] > 0, method
     assert spy.objects > 50  # the walk did reach the sessions, requests and tool calls
 

@@ -56,6 +56,8 @@ class Policy(Protocol):
 
     def retention(self, session: Session, req: Request) -> Retention: ...
 
+    def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]: ...
+
     def admit(self, session: Session) -> Admission: ...
 
 
@@ -91,5 +93,10 @@ class BasePolicy:
     def retention(self, session: Session, req: Request) -> Retention:
         return Retention.DROP
 
+    def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]:
+        # The control plane's load balancer order: arrival order by default.
+        return queued
+
     def admit(self, session: Session) -> Admission:
+        # vLLM has no admission control: every session is admitted on arrival.
         return Admission.ADMIT

@@ -15,10 +15,10 @@ import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mars.control.admission import AdmissionQueue
 from mars.core.clock import SimClock
 from mars.core.events import (
     EventBus,
-    SessionAdmitted,
     SessionArrived,
     SessionDone,
     ToolEnd,
@@ -28,7 +28,7 @@ from mars.core.request import Request
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.kv.manager import KVConfig, KVManager
 from mars.sched.plan import StepPlan, StepResult
-from mars.sched.policy import Admission, Policy
+from mars.sched.policy import Policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
 from mars.sim.costmodel import StepCostModel
 from mars.sim.executor import SimExecutor
@@ -157,7 +157,7 @@ class Simulation:
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._agents: dict[str, _Agent] = {}
-        self._queued: list[Session] = []  # waiting for admission
+        self.admission = AdmissionQueue(policy, self.clock, self.bus, self._admitted)
         self._next_spec = 0
         self._busy = False
         self._plan: StepPlan | None = None
@@ -187,11 +187,11 @@ class Simulation:
             self._dispatch(kind, payload)
             if not self._busy and (not heap or heap[0][0] > t):
                 self._start_step()
-        if self.scheduler.has_work or self._queued:
+        if self.scheduler.has_work or len(self.admission):
             raise RuntimeError(
                 f"simulation stalled at t={self.clock.now():.3f}s with "
                 f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
-                f"{len(self._queued)} sessions unadmitted: the policy holds KV nothing can free"
+                f"{len(self.admission)} sessions unadmitted: the policy holds KV nothing can free"
             )
         st = self.kv.stats()
         return SimOutcome(
@@ -295,24 +295,12 @@ class Simulation:
             return
         self.sessions[spec.session_id] = session
         self._agents[spec.session_id] = _Agent(spec, session, record)
-        self._queued.append(session)
-        self._admit()
+        self.admission.add(session)
 
-    def _admit(self) -> None:
-        """Ask the policy about queued sessions, in arrival order."""
-        still: list[Session] = []
-        for session in self._queued:
-            if self.policy.admit(session) is Admission.ADMIT:
-                now = self.clock.now()
-                session.admitted_time = now
-                self._agents[session.session_id].record.admitted_s = now
-                self.bus.publish(
-                    SessionAdmitted(now, session.session_id, now - session.arrival_time)
-                )
-                self._emit(self._agents[session.session_id])
-            else:
-                still.append(session)
-        self._queued = still
+    def _admitted(self, session: Session) -> None:
+        agent = self._agents[session.session_id]
+        agent.record.admitted_s = session.admitted_time
+        self._emit(agent)
 
     def _emit(self, agent: _Agent) -> None:
         turn = agent.spec.turns[agent.turn_index]
@@ -389,5 +377,5 @@ class Simulation:
     def _session_ended(self) -> None:
         if self._arrivals.concurrency:
             self._push(self.clock.now(), _Ev.ARRIVAL)
-        if self._queued:
-            self._admit()
+        if len(self.admission):
+            self.admission.poll()

@@ -1,0 +1,53 @@
+"""The control plane's admission queue: sessions wait here until their policy admits them.
+
+Admission is decoupled from execution (DESIGN.md section 2): a session's first call is held
+outside the engine until `Policy.admit` says ADMIT; the engine only ever sees admitted sessions.
+The queue asks again, in the policy's order, whenever something that could change the verdict
+happens (an arrival, a session ending, a control tick).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mars.core.clock import Clock
+from mars.core.events import EventBus, SessionAdmitted
+from mars.core.session import Session, SessionStatus
+from mars.sched.policy import Admission, Policy
+
+
+class AdmissionQueue:
+    def __init__(
+        self, policy: Policy, clock: Clock, bus: EventBus, on_admit: Callable[[Session], None]
+    ) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._bus = bus
+        self._on_admit = on_admit
+        self._queued: list[Session] = []
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def add(self, session: Session) -> None:
+        session.status = SessionStatus.QUEUED
+        self._queued.append(session)
+        self.poll()
+
+    def poll(self) -> int:
+        """Admit every queued session the policy now accepts; how many were admitted."""
+        still: list[Session] = []
+        admitted = 0
+        for session in self._policy.order_admission(self._queued):
+            if self._policy.admit(session) is Admission.ADMIT:
+                now = self._clock.now()
+                session.admitted_time = now
+                self._bus.publish(
+                    SessionAdmitted(now, session.session_id, now - session.arrival_time)
+                )
+                self._on_admit(session)
+                admitted += 1
+            else:
+                still.append(session)
+        self._queued = still
+        return admitted
