@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from factories import make_spec
 from mars.core.session import Session
 from mars.sched.policies.fcfs import FCFSPolicy
@@ -31,6 +33,6 @@ def test_deferred_sessions_wait_outside_the_engine_and_run_one_by_one() -> None:
     out = Simulation(specs, OneAtATime(), cost, Arrivals(times=(0.0, 0.0, 0.0)), SimConfig()).run()
     recs = sorted(out.records, key=lambda r: r.admitted_s or 0.0)
     assert [r.arrival_s for r in recs] == [0.0, 0.0, 0.0]
-    for before, after in zip(recs, recs[1:], strict=False):
+    for before, after in itertools.pairwise(recs):
         assert after.admitted_s == before.done_s  # admitted the moment the previous one ended
     assert all(r.done_s is not None for r in recs)
