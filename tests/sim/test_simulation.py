@@ -369,6 +369,7 @@ class FutureCheck:
         self.inner = inner
         self.name = inner.name
         self.fast_forward_ok = inner.fast_forward_ok
+        self.tick_s = inner.tick_s
         self.ctx: PolicyContext | None = None
         self._sim = sim_ref
         self.calls: collections.Counter[str] = collections.Counter()
@@ -434,6 +435,11 @@ class FutureCheck:
     def retention(self, session: Session, req: Request) -> Retention:
         self._check("retention", session, req)
         return self.inner.retention(session, req)
+
+    def on_tick(self) -> None:
+        assert self.ctx is not None
+        self._check("on_tick", list(self.ctx.sessions.values()))
+        self.inner.on_tick()
 
     def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]:
         self._check("order_admission", queued)

@@ -52,6 +52,9 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    # The tool this call asked for (its category), known once its output is complete: set by the
+    # agent side (the simulator's replay, or the server from tool_calls / markers), else None.
+    next_tool: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 1:

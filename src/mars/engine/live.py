@@ -260,6 +260,8 @@ class LiveEngine:
             self._last_seq.pop(sid, None)
 
     def _run(self) -> None:
+        policy = self.scheduler.policy
+        next_tick = self.clock.now()
         try:
             while not self._stop:
                 with self._lock:
@@ -267,8 +269,11 @@ class LiveEngine:
                     self._wake.clear()
                 for fn in inbox:
                     fn()
+                if policy.tick_s is not None and self.clock.now() >= next_tick:
+                    policy.on_tick()  # TTL expiries, aging: between steps, as in the simulator
+                    next_tick = self.clock.now() + policy.tick_s
                 if not self.scheduler.has_work:
-                    self._wake.wait(0.5)
+                    self._wake.wait(0.5 if policy.tick_s is None else policy.tick_s)
                     continue
                 self._step()
         except BaseException as e:  # surface to clients instead of dying silently

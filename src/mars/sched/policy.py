@@ -41,6 +41,8 @@ class Policy(Protocol):
     # True when nothing the policy decides can change during a stretch of pure decode steps
     # with an empty waiting queue, so the simulator may advance that stretch in one event.
     fast_forward_ok: bool
+    # Seconds between `on_tick` calls (control ticks, TTL expiries, aging); None = never.
+    tick_s: float | None
 
     def bind(self, ctx: PolicyContext) -> None: ...
 
@@ -60,12 +62,15 @@ class Policy(Protocol):
 
     def admit(self, session: Session) -> Admission: ...
 
+    def on_tick(self) -> None: ...
+
 
 class BasePolicy:
     """vLLM V1 behaviour, decision by decision; subclasses override the ones they change."""
 
     name = "base"
     fast_forward_ok = True
+    tick_s: float | None = None
 
     def __init__(self) -> None:
         self.ctx: PolicyContext | None = None
@@ -100,3 +105,6 @@ class BasePolicy:
     def admit(self, session: Session) -> Admission:
         # vLLM has no admission control: every session is admitted on arrival.
         return Admission.ADMIT
+
+    def on_tick(self) -> None:
+        return None

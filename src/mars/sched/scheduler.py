@@ -7,6 +7,7 @@ choice (order, chunk, victim, retention) is a call on the `Policy`; nothing here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mars.core.clock import Clock
@@ -56,6 +57,9 @@ class Scheduler:
         # tokens computed a second time (after a preemption or an evicted session cache).
         self.prompt_tokens = self.hit_tokens = self.recomputed_tokens = 0
         self.num_preemptions = 0
+        # Called when a call's output is complete, before the policy decides its KV's fate: the
+        # agent side fills in what the output revealed (`Request.next_tool`).
+        self.on_output_done: Callable[[Request], None] | None = None
         policy.bind(PolicyContext(clock, bus, kv, self.sessions, config.max_num_batched_tokens))
 
     @property
@@ -215,6 +219,8 @@ class Scheduler:
         req.finish_time = now
         session = self.sessions.get(req.session_id)
         if session is not None and status is not RequestStatus.FINISHED_ABORTED:
+            if self.on_output_done is not None:
+                self.on_output_done(req)
             self.kv.finish(req, self.policy.retention(session, req))
         else:
             self.kv.free(req)

@@ -43,6 +43,7 @@ class _Ev(enum.IntEnum):
     TOOL_END = 1
     HEAVY_TOOLS = 2
     ARRIVAL = 3
+    TICK = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,9 @@ class Simulation:
         else:
             for t in self._arrivals.times[: len(self.specs)]:
                 self._push(t, _Ev.ARRIVAL)
+        if self.policy.tick_s is not None:
+            self._push(self.policy.tick_s, _Ev.TICK)
+        self.scheduler.on_output_done = self._reveal_tool
         heap = self._heap
         while heap:
             t, kind, _, payload = heapq.heappop(heap)
@@ -224,6 +228,14 @@ class Simulation:
                     assert isinstance(agent, _Agent)
                     self._tool_done(agent)
                 self._reschedule_heavy()
+        elif kind == _Ev.TICK:
+            self.policy.on_tick()
+            if len(self.admission):
+                self.admission.poll()
+            # Keep ticking while any session is in flight or still to arrive.
+            if self._agents or self._next_spec < len(self.specs):
+                assert self.policy.tick_s is not None
+                self._push(self.clock.now() + self.policy.tick_s, _Ev.TICK)
         else:
             self._arrive()
 
@@ -320,6 +332,11 @@ class Simulation:
         # KV usage is sampled when calls arrive and finish: instants at which a fast-forwarded
         # run and a step-by-step one are in the same state.
         self.kv_usage.append((self.clock.now(), self.kv.usage))
+
+    def _reveal_tool(self, req: Request) -> None:
+        """The call's output is complete: it names the tool the agent runs next."""
+        tools = self._agents[req.session_id].spec.turns[req.turn_index].tools
+        req.next_tool = tools[0].category if tools else None
 
     def _turn_done(self, agent: _Agent) -> None:
         agent.tool_index = 0
