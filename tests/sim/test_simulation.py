@@ -311,12 +311,15 @@ def test_fast_forward_parity_on_traces(kv_tokens: float | None) -> None:
 
 
 @needs_traces
-def test_fast_forward_result_json_identical() -> None:
+@pytest.mark.parametrize("policy", policy_names())
+def test_fast_forward_result_json_identical(policy: str) -> None:
+    """Every policy, KV-tight enough to preempt: fast-forward changes nothing in the result."""
     specs = load_specs(SimSpec(str(TRACES), concurrency=16, sessions=40))
     results = []
     for ff in (True, False):
         result = run_experiment(
-            SimSpec(str(TRACES), concurrency=16, sessions=40, fast_forward=ff), specs=specs
+            SimSpec(str(TRACES), policy=policy, concurrency=16, sessions=40, fast_forward=ff),
+            specs=specs,
         )
         result.pop("wall_s")
         result["workload"].pop("fast_forward")
@@ -435,6 +438,10 @@ class FutureCheck:
     def retention(self, session: Session, req: Request) -> Retention:
         self._check("retention", session, req)
         return self.inner.retention(session, req)
+
+    def stable_until(self, waiting: Sequence[Request]) -> float:
+        self._check("stable_until", waiting)
+        return self.inner.stable_until(waiting)
 
     def on_tick(self) -> None:
         assert self.ctx is not None

@@ -9,6 +9,7 @@ verdict. It learns online from the event bus and from `Session` objects, which o
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +65,8 @@ class Policy(Protocol):
 
     def on_tick(self) -> None: ...
 
+    def stable_until(self, waiting: Sequence[Request]) -> float: ...
+
 
 class BasePolicy:
     """vLLM V1 behaviour, decision by decision; subclasses override the ones they change."""
@@ -108,3 +111,8 @@ class BasePolicy:
 
     def on_tick(self) -> None:
         return None
+
+    def stable_until(self, waiting: Sequence[Request]) -> float:
+        """Until when the policy's decisions cannot change by the clock alone (aging,
+        promotions): a fast-forwarded stretch of decode steps stops there."""
+        return math.inf

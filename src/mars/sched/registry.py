@@ -12,6 +12,8 @@ from mars.sched.policy import Policy
 
 _BUILTIN: dict[str, str] = {
     "fcfs": "mars.sched.policies.fcfs:FCFSPolicy",
+    "continuum": "mars.sched.policies.continuum:ContinuumPolicy",
+    "autellix": "mars.sched.policies.autellix:AutellixPolicy",
 }
 _registered: dict[str, Callable[[], Policy]] = {}
 

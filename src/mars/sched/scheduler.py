@@ -89,6 +89,8 @@ class Scheduler:
         self._waiting_blocked = False
         if not plan.preempted:
             self._waiting_blocked = self._schedule_waiting(plan, budget)
+        self._free_blocks_seen = self.kv.num_free_blocks
+        self.stable_until = self.policy.stable_until(self.waiting)
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
@@ -264,7 +266,11 @@ class Scheduler:
         running = self.running
         if not running or not self.policy.fast_forward_ok:
             return 0
-        if self.waiting and not self._waiting_blocked:
+        if self.waiting and (
+            not self._waiting_blocked or self.kv.num_free_blocks > self._free_blocks_seen
+        ):
+            return 0  # something may start: KV was freed (an unpin, a session end) since
+        if self.clock.now() >= self.stable_until:
             return 0
         if len(running) > self.config.max_num_batched_tokens:
             return 0
@@ -289,6 +295,6 @@ class Scheduler:
             req.num_computed_tokens += steps - 1
             req.num_output_tokens += steps - 1
         plan = StepPlan(self._next_step - 1)
-        for req in self.running:
+        for req in self.policy.order_running(self.running):  # the order schedule() would use
             plan.add(req, 1)
         return self.update(plan, StepResult(plan.step_id, 0.0))

@@ -25,9 +25,10 @@ class SimExecutor:
     def decode_stretch(
         self, batch: int, context_sum: int, max_steps: int, until: float, now: float
     ) -> list[float]:
-        """End times of up to `max_steps` pure-decode steps of `batch` requests, stopping before a
-        step would end after `until`. Identical arithmetic to `execute` on the same batches."""
-        ends: list[float] = []
+        """Durations of up to `max_steps` pure-decode steps of `batch` requests, stopping before
+        a step would end after `until`. The same arithmetic, in the same order, as `execute` and
+        the clock would do step by step."""
+        durations: list[float] = []
         t = now
         for j in range(max_steps):
             ctx = context_sum + j * batch
@@ -35,8 +36,13 @@ class SimExecutor:
             if t + dt > until:
                 break
             t += dt
-            ends.append(t)
-        return ends
+            durations.append(dt)
+        return durations
+
+    def commit_stretch(self, durations: list[float]) -> None:
+        """Account a fast-forwarded stretch as the steps it stands for."""
+        for dt in durations:
+            self.busy_s += dt
 
 
 def attn_pairs(new_tokens: int, new_x_context: int, chunks: list[int] | None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -247,15 +248,18 @@ class Simulation:
         if self.config.fast_forward:
             horizon = sched.decode_horizon()
             if horizon >= 2:
-                until = self._heap[0][0] if self._heap else float("inf")
+                until = min(self._heap[0][0] if self._heap else math.inf, sched.stable_until)
                 batch = len(sched.running)
                 ctx = sum(r.num_computed_tokens for r in sched.running)
-                ends = self.executor.decode_stretch(batch, ctx, horizon, until, now)
-                if len(ends) >= 2:
-                    self.executor.busy_s += ends[-1] - now
-                    self._ff_steps = len(ends)
+                durations = self.executor.decode_stretch(batch, ctx, horizon, until, now)
+                if len(durations) >= 2:
+                    self.executor.commit_stretch(durations)
+                    end = now
+                    for dt in durations:
+                        end += dt
+                    self._ff_steps = len(durations)
                     self._busy = True
-                    self._push(ends[-1], _Ev.STEP_END)
+                    self._push(end, _Ev.STEP_END)
                     return
         plan = sched.schedule()
         if plan.is_empty:
