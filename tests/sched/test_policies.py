@@ -1,0 +1,84 @@
+"""Decision-level tests of the baseline policies, on a scheduler with a hand-driven clock."""
+
+from __future__ import annotations
+
+from factories import add_session, make_request, make_scheduler, run_until_idle
+from mars.core.clock import SimClock
+from mars.core.events import ToolEnd
+from mars.kv.manager import Residency
+from mars.sched.policies.autellix import AutellixPolicy
+from mars.sched.policies.continuum import ContinuumPolicy
+from mars.sched.scheduler import Scheduler
+
+
+def _finish_with_tool(sched: Scheduler, tool: str, sid: str = "a") -> None:
+    req = make_request(prompt=40, output=3, session=sid)
+    add_session(sched, req)
+    sched.on_output_done = lambda r: setattr(r, "next_tool", tool)
+    run_until_idle(sched)
+
+
+def test_continuum_pins_for_the_ttl_then_releases() -> None:
+    policy = ContinuumPolicy()
+    sched = make_scheduler(policy=policy)
+    _finish_with_tool(sched, "view")
+    assert sched.kv.residency("a") is Residency.GPU  # pinned through the tool call
+    clock = sched.clock
+    assert isinstance(clock, SimClock)
+    clock.advance(policy.ttl_s - 0.01)
+    policy.on_tick()
+    assert sched.kv.residency("a") is Residency.GPU
+    clock.advance(0.02)
+    policy.on_tick()
+    assert sched.kv.residency("a") is Residency.CACHED  # the pin lapsed: ordinary cache
+
+
+def test_continuum_drops_kv_before_a_tool_known_to_be_long() -> None:
+    policy = ContinuumPolicy()
+    sched = make_scheduler(policy=policy)
+    for d in (5.0, 7.0):
+        sched.bus.publish(ToolEnd(0.0, "x", "test", d, 0.0))
+    _finish_with_tool(sched, "test")
+    assert sched.kv.residency("a") is Residency.CACHED
+    _finish_with_tool(sched, "view", sid="b")  # a category never seen: optimistic pin
+    assert sched.kv.residency("b") is Residency.GPU
+
+
+def test_continuum_serves_older_sessions_first() -> None:
+    sched = make_scheduler(policy=ContinuumPolicy(), budget=64)
+    old, young = make_request(prompt=60, session="old"), make_request(prompt=60, session="young")
+    s_young = add_session(sched, young)
+    s_old = add_session(sched, old)
+    s_old.arrival_time, s_young.arrival_time = 0.0, 5.0
+    plan = sched.schedule()
+    assert plan.requests[0] is old  # the older session's call goes first despite queue order
+
+
+def test_autellix_prefers_the_session_with_least_attained_service() -> None:
+    policy = AutellixPolicy()
+    sched = make_scheduler(policy=policy, budget=4096, num_blocks=4096)
+    heavy = make_request(prompt=3000, output=2, session="heavy")
+    add_session(sched, heavy)
+    run_until_idle(sched)  # 'heavy' has now received > 2,048 tokens of service
+    second = make_request(prompt=3100, output=2, reuse=3002, session="heavy", turn=1)
+    light = make_request(prompt=50, output=2, session="light")
+    add_session(sched, second)
+    add_session(sched, light)
+    assert policy.level(second) == 1 and policy.level(light) == 0
+    assert list(policy.order_waiting(sched.waiting)) == [light, second]
+
+
+def test_autellix_promotes_a_starving_request() -> None:
+    policy = AutellixPolicy()
+    sched = make_scheduler(policy=policy, budget=4096, num_blocks=4096)
+    heavy = make_request(prompt=9000 // 4, output=2, session="h")
+    add_session(sched, heavy)
+    run_until_idle(sched)
+    starving = make_request(prompt=2300, output=2, reuse=2252, session="h", turn=1)
+    add_session(sched, starving)
+    assert policy.level(starving) == 1
+    clock = sched.clock
+    assert isinstance(clock, SimClock)
+    assert policy.stable_until(sched.waiting) == starving.arrival_time + policy.starvation_s
+    clock.advance(policy.starvation_s + 0.1)
+    assert policy.level(starving) == 0
