@@ -82,3 +82,50 @@ def test_autellix_promotes_a_starving_request() -> None:
     assert policy.stable_until(sched.waiting) == starving.arrival_time + policy.starvation_s
     clock.advance(policy.starvation_s + 0.1)
     assert policy.level(starving) == 0
+
+
+class _Timer:
+    """Step times from a fixed per-token prefill cost and host link, for hand-checked wastes."""
+
+    def __init__(self, per_token_s: float, link_s_per_token: float) -> None:
+        self.per_token_s, self.link = per_token_s, link_s_per_token
+
+    def step_seconds(self, num_seqs: int, new_tokens: int, attn_pairs: int, kv: int) -> float:
+        return new_tokens * self.per_token_s
+
+    def transfer_seconds(self, num_tokens: int) -> float:
+        return num_tokens * self.link
+
+
+def _infercept(per_token_s: float, link: float, host_tokens: int) -> tuple[object, object]:
+    from mars.core.events import EventBus
+    from mars.kv.manager import KVConfig, KVManager
+    from mars.sched.policies.infercept import InferCeptPolicy
+    from mars.sched.scheduler import SchedulerConfig
+
+    clock, bus = SimClock(), EventBus()
+    kv = KVManager(KVConfig(256, 4, host_tokens), clock, bus)
+    policy = InferCeptPolicy()
+    sched = Scheduler(
+        SchedulerConfig(64, 16), policy, kv, clock, bus, {}, _Timer(per_token_s, link)
+    )
+    return sched, policy
+
+
+def test_infercept_picks_the_least_waste() -> None:
+
+    # A long interception and a cheap host link: swapping wastes least.
+    sched, policy = _infercept(per_token_s=0.01, link=0.0001, host_tokens=10_000)
+    sched.bus.publish(ToolEnd(0.0, "x", "test", 30.0, 0.0))
+    _finish_with_tool(sched, "test")
+    assert sched.kv.residency("a") is Residency.CACHED and sched.kv.stats().offloads == 1
+    # A short interception and a slow host link: preserving (pinning) wastes least.
+    sched, policy = _infercept(per_token_s=0.01, link=0.01, host_tokens=10_000)
+    sched.bus.publish(ToolEnd(0.0, "x", "view", 0.001, 0.0))
+    _finish_with_tool(sched, "view")
+    assert sched.kv.residency("a") is Residency.GPU
+    # No host room and a long interception: discard.
+    sched, policy = _infercept(per_token_s=0.0001, link=0.0001, host_tokens=0)
+    sched.bus.publish(ToolEnd(0.0, "x", "test", 30.0, 0.0))
+    _finish_with_tool(sched, "test")
+    assert sched.kv.residency("a") is Residency.CACHED and sched.kv.stats().offloads == 0

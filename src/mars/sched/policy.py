@@ -26,6 +26,16 @@ class Admission(enum.IntEnum):
     DEFER = 1  # stay in the control plane's queue and ask again later
 
 
+class StepTimer(Protocol):
+    """The engine's step-time model, for policies that weigh recompute against memory."""
+
+    def step_seconds(
+        self, num_seqs: int, new_tokens: int, attn_pairs: int, kv_read_tokens: int
+    ) -> float: ...
+
+    def transfer_seconds(self, num_tokens: int) -> float: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
     """What a policy may observe. Handed over once by the engine before the first step."""
@@ -35,6 +45,7 @@ class PolicyContext:
     kv: KVManager
     sessions: dict[str, Session]  # admitted and queued sessions, by id (past only)
     max_num_batched_tokens: int
+    timer: StepTimer | None = None  # step-time model if the engine has one
 
 
 class Policy(Protocol):

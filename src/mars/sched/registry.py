@@ -14,6 +14,7 @@ _BUILTIN: dict[str, str] = {
     "fcfs": "mars.sched.policies.fcfs:FCFSPolicy",
     "continuum": "mars.sched.policies.continuum:ContinuumPolicy",
     "autellix": "mars.sched.policies.autellix:AutellixPolicy",
+    "infercept": "mars.sched.policies.infercept:InferCeptPolicy",
 }
 _registered: dict[str, Callable[[], Policy]] = {}
 

@@ -16,7 +16,7 @@ from mars.core.request import Request, RequestStatus
 from mars.core.session import Session
 from mars.kv.manager import KVManager
 from mars.sched.plan import StepPlan, StepResult
-from mars.sched.policy import Policy, PolicyContext
+from mars.sched.policy import Policy, PolicyContext, StepTimer
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,7 @@ class Scheduler:
         clock: Clock,
         bus: EventBus,
         sessions: dict[str, Session] | None = None,
+        timer: StepTimer | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
@@ -60,7 +61,9 @@ class Scheduler:
         # Called when a call's output is complete, before the policy decides its KV's fate: the
         # agent side fills in what the output revealed (`Request.next_tool`).
         self.on_output_done: Callable[[Request], None] | None = None
-        policy.bind(PolicyContext(clock, bus, kv, self.sessions, config.max_num_batched_tokens))
+        policy.bind(
+            PolicyContext(clock, bus, kv, self.sessions, config.max_num_batched_tokens, timer)
+        )
 
     @property
     def has_work(self) -> bool:

@@ -42,6 +42,7 @@ class SimSpec:
     token_scale: float = 1.0
     time_scale: float = 1.0
     kv_scale: float = 1.0
+    host_kv_gb: float = 256.0  # host memory for offloaded KV (per GPU)
     fast_forward: bool = True
 
     def __post_init__(self) -> None:
@@ -112,7 +113,11 @@ def run_experiment(
         specs = load_specs(spec)
     cost = make_cost_model(spec)
     policy = make_policy(spec.policy)
-    config = SimConfig(tool_cores=spec.tool_cores, fast_forward=spec.fast_forward)
+    config = SimConfig(
+        tool_cores=spec.tool_cores,
+        fast_forward=spec.fast_forward,
+        host_kv_tokens=int(spec.host_kv_gb * 1e9 / cost.model.kv_bytes_per_token),
+    )
     if spec.rate is not None:
         if spec.arrival not in ("poisson", "fixed"):
             raise UsageError(f"unknown --arrival {spec.arrival!r}; valid: poisson, fixed")

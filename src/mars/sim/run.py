@@ -151,6 +151,7 @@ class Simulation:
             self.clock,
             self.bus,
             self.sessions,
+            cost,
         )
         self.policy = policy
         self.executor = SimExecutor(cost)
