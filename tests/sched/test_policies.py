@@ -97,7 +97,7 @@ class _Timer:
         return num_tokens * self.link
 
 
-def _infercept(per_token_s: float, link: float, host_tokens: int) -> tuple[object, object]:
+def _infercept(per_token_s: float, link: float, host_tokens: int) -> Scheduler:
     from mars.core.events import EventBus
     from mars.kv.manager import KVConfig, KVManager
     from mars.sched.policies.infercept import InferCeptPolicy
@@ -109,23 +109,23 @@ def _infercept(per_token_s: float, link: float, host_tokens: int) -> tuple[objec
     sched = Scheduler(
         SchedulerConfig(64, 16), policy, kv, clock, bus, {}, _Timer(per_token_s, link)
     )
-    return sched, policy
+    return sched
 
 
 def test_infercept_picks_the_least_waste() -> None:
 
     # A long interception and a cheap host link: swapping wastes least.
-    sched, policy = _infercept(per_token_s=0.01, link=0.0001, host_tokens=10_000)
+    sched = _infercept(per_token_s=0.01, link=0.0001, host_tokens=10_000)
     sched.bus.publish(ToolEnd(0.0, "x", "test", 30.0, 0.0))
     _finish_with_tool(sched, "test")
     assert sched.kv.residency("a") is Residency.CACHED and sched.kv.stats().offloads == 1
     # A short interception and a slow host link: preserving (pinning) wastes least.
-    sched, policy = _infercept(per_token_s=0.01, link=0.01, host_tokens=10_000)
+    sched = _infercept(per_token_s=0.01, link=0.01, host_tokens=10_000)
     sched.bus.publish(ToolEnd(0.0, "x", "view", 0.001, 0.0))
     _finish_with_tool(sched, "view")
     assert sched.kv.residency("a") is Residency.GPU
     # No host room and a long interception: discard.
-    sched, policy = _infercept(per_token_s=0.0001, link=0.0001, host_tokens=0)
+    sched = _infercept(per_token_s=0.0001, link=0.0001, host_tokens=0)
     sched.bus.publish(ToolEnd(0.0, "x", "test", 30.0, 0.0))
     _finish_with_tool(sched, "test")
     assert sched.kv.residency("a") is Residency.CACHED and sched.kv.stats().offloads == 0
