@@ -1,4 +1,4 @@
-"""The `mars` command line: `mars serve`, `sim`, `capacity`, `costmodel`, `policies`."""
+"""The `mars` command line: `mars serve`, `sim`, `capacity`, `sweep`, `costmodel`, `policies`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_sim(sub)
     _add_capacity(sub)
+    _add_sweep(sub)
     add_costmodel_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
@@ -120,7 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_workload_args(p: argparse.ArgumentParser) -> None:
+def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> None:
     """Options shared by every simulated experiment."""
     p.add_argument("--traces", required=True, help="trace file (JSONL, ../shared/traces format)")
     p.add_argument("--gpu", default="h100", help=f"one of {', '.join(sorted(GPUS))}")
@@ -133,12 +134,14 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sessions", type=positive_int, help="seeded sample of N sessions (default all)"
     )
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    if single_run:
+        p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--tool-stats", help="tool-duration quantile table replacing the built-in one")
     p.add_argument("--token-scale", type=positive_float, default=1.0)
     p.add_argument("--time-scale", type=positive_float, default=1.0)
     p.add_argument("--kv-scale", type=positive_float, default=1.0, help="multiply KV capacity")
-    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON here")
+    if single_run:
+        p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -173,6 +176,104 @@ def _add_capacity(sub: argparse._SubParsersAction[Parser]) -> None:
         default=[8, 16, 32, 64, 128],
         help="comma-separated concurrencies (default 8,16,32,64,128)",
     )
+
+
+def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="policies x loads x seeds, with report.md and PNG plots",
+        description=(
+            "Run every policy at every load (fractions of fcfs capacity, measured first in "
+            "closed loop) or rate, for every seed; write results.json, report.md and plots."
+        ),
+    )
+    _add_workload_args(p, single_run=False)
+    p.add_argument(
+        "--policies",
+        type=_name_list,
+        required=True,
+        help="comma-separated policies (see `mars policies`)",
+    )
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rates", type=_float_list, help="comma-separated sessions/s")
+    load.add_argument(
+        "--loads",
+        type=_float_list,
+        help="comma-separated fractions of fcfs capacity, e.g. 0.8,1.0,1.3",
+    )
+    p.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated seeds")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names")
+    return names
+
+
+def _float_list(text: str) -> list[float]:
+    return [positive_float(part) for part in _name_list(text)]
+
+
+def _seed_list(text: str) -> list[int]:
+    return [non_negative_int(part) for part in _name_list(text)]
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> int:
+    from mars.bench.report import write_plots, write_report
+    from mars.bench.sweep import SweepPlan, run_sweep
+
+    for name in args.policies:
+        _check_policy(name)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    args.seed, args.json_out, args.policy = args.seeds[0], None, args.policies[0]
+    base = _spec(args, rate=1.0)
+    plan = SweepPlan(
+        base,
+        tuple(args.policies),
+        tuple(args.seeds),
+        tuple(args.rates or ()),
+        tuple(args.loads or ()),
+    )
+    load_specs_check(base)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = 5 if args.loads else 0
+    bar = _progress(plan.runs + extra, enabled=not args.no_progress, unit="run")
+
+    def on_capacity(point: Any) -> None:
+        if bar:
+            bar.update(1)
+        print(
+            f"fcfs closed loop, concurrency {point.concurrency}: steady "
+            f"{point.steady:.4f} sessions/s",
+            flush=True,
+        )
+
+    def on_run(result: dict[str, Any]) -> None:
+        if bar:
+            bar.update(1)
+
+    sweep = run_sweep(plan, on_capacity, on_run)
+    if bar:
+        bar.close()
+    if sweep.capacity_per_s is not None:
+        print(f"fcfs capacity: {sweep.capacity_per_s:.4f} sessions/s")
+    (out / "results.json").write_text(json.dumps(sweep.results, indent=1) + "\n")
+    report = write_report(sweep, out)
+    write_plots(sweep, out)
+    print(report.read_text())
+    print(f"wrote {out}/results.json, {report}, and PNG plots in {out}")
+    return 0
+
+
+def load_specs_check(spec: Any) -> None:
+    """Read the trace file once up front so a bad file fails before any run."""
+    from mars.sim.experiment import load_specs
+
+    load_specs(spec)
 
 
 def _int_list(text: str) -> list[int]:
@@ -294,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_sim(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "sweep":
+            return run_sweep_cmd(args)
         if args.command == "capacity":
             return run_capacity(args)
         if args.command == "costmodel":

@@ -1,0 +1,235 @@
+"""Sweep reports: `report.md` (tables, means and spread over seeds) and PNG plots."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mars.bench.capacity import format_curve
+from mars.bench.sweep import SweepResult
+
+GOODPUT_TARGET = 0.9  # goodput capacity: the highest rate with >= 90% of sessions within 3x ideal
+
+
+def _x(r: dict[str, Any]) -> float:
+    return float(r["load"] if r["load"] is not None else r["rate"])
+
+
+def _groups(results: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    out: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        out[(r["policy"], _x(r))].append(r)
+    return out
+
+
+def _ms(values: Sequence[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _get(path: str) -> Callable[[dict[str, Any]], float]:
+    keys = path.split(".")
+
+    def get(r: dict[str, Any]) -> float:
+        v: Any = r
+        for k in keys:
+            v = v[k]
+        return float(v)
+
+    return get
+
+
+def write_report(sweep: SweepResult, out: Path) -> Path:
+    results = sweep.results
+    groups = _groups(results)
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    xs = sorted({_x(r) for r in results})
+    xname = "load (x fcfs capacity)" if results and results[0]["load"] is not None else "rate /s"
+    w = results[0]["workload"] if results else {}
+    lines = ["# mars sweep", ""]
+    lines.append(
+        f"Traces `{w.get('traces')}`, {w.get('sessions_in_workload')} sessions per run, "
+        f"{w.get('gpu')} / {w.get('model')}, KV scale {w.get('kv_scale')}, "
+        f"{w.get('tool_cores')} tool cores, seeds "
+        f"{sorted({r['workload']['seed'] for r in results})}; open-loop Poisson arrivals. "
+        "Values are means over seeds (± standard deviation)."
+    )
+    if sweep.capacity is not None and sweep.capacity_per_s is not None:
+        lines += [
+            "",
+            "## fcfs capacity (closed loop)",
+            "",
+            format_curve(sweep.capacity),
+            "",
+            f"Capacity: **{sweep.capacity_per_s:.4f} sessions/s**.",
+        ]
+    lines += [
+        "",
+        "## Results",
+        "",
+        f"| policy | {xname} | rate /s | mean latency s | p95 latency s | mean slowdown "
+        "| goodput | steady sessions/s | KV hit rate | preemptions | unstable |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in xs:
+        for p in policies:
+            g = groups.get((p, x), [])
+            if not g:
+                continue
+            lines.append(
+                f"| {p} | {x:g} | {g[0]['rate']:.4f} "
+                f"| {_ms([_get('latency_s.mean')(r) for r in g])} "
+                f"| {_ms([_get('latency_s.p95')(r) for r in g])} "
+                f"| {_ms([_get('slowdown.mean')(r) for r in g])} "
+                f"| {statistics.fmean(_get('goodput.fraction')(r) for r in g):.0%} "
+                f"| {statistics.fmean(_get('throughput.steady_sessions_per_s')(r) for r in g):.4f} "
+                f"| {statistics.fmean(_get('kv.hit_rate')(r) for r in g):.1%} "
+                f"| {statistics.fmean(_get('kv.preemptions')(r) for r in g):.0f} "
+                f"| {sum(bool(r['unstable']) for r in g)}/{len(g)} |"
+            )
+    if "fcfs" in policies:
+        lines += [
+            "",
+            "## Against fcfs (ratio of means; > 1 is better than fcfs)",
+            "",
+            f"| policy | {xname} | mean latency | p95 latency | goodput |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for x in xs:
+            base = groups.get(("fcfs", x))
+            if not base:
+                continue
+            for p in policies:
+                others = groups.get((p, x))
+                if p == "fcfs" or not others:
+                    continue
+                g = others
+                lines.append(
+                    f"| {p} | {x:g} | {_ratio(base, g, 'latency_s.mean')} "
+                    f"| {_ratio(base, g, 'latency_s.p95')} "
+                    f"| {_ratio(g, base, 'goodput.fraction')} |"
+                )
+    lines += [
+        "",
+        "## By session length (highest load; tertiles of ideal time)",
+        "",
+        "| policy | short: mean latency s | medium | long |",
+        "|---|---:|---:|---:|",
+    ]
+    top = xs[-1] if xs else None
+    for p in policies:
+        g = groups.get((p, top), []) if top is not None else []
+        rows = [s for r in g for s in r["per_session"] if s["latency_s"] is not None]
+        if not rows:
+            continue
+        rows.sort(key=lambda s: s["ideal_s"] or 0.0)
+        k = max(1, len(rows) // 3)
+        parts = [rows[:k], rows[k : 2 * k], rows[2 * k :]]
+        cells = [
+            f"{statistics.fmean(s['latency_s'] for s in part):.1f}" if part else "-"
+            for part in parts
+        ]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Goodput capacity",
+        "",
+        f"Highest swept rate at which at least {GOODPUT_TARGET:.0%} of sessions finish "
+        "within 3x their ideal time (mean over seeds).",
+        "",
+        "| policy | goodput capacity, sessions/s |",
+        "|---|---:|",
+    ]
+    for p in policies:
+        ok = [
+            groups[(p, x)][0]["rate"]
+            for x in xs
+            if (p, x) in groups
+            and statistics.fmean(_get("goodput.fraction")(r) for r in groups[(p, x)])
+            >= GOODPUT_TARGET
+        ]
+        lines.append(f"| {p} | {max(ok):.4f} |" if ok else f"| {p} | below the lowest rate |")
+    lines += ["", "Plots: `latency.png`, `goodput.png`, `throughput.png`, `kv_usage.png`."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _ratio(num: list[dict[str, Any]], den: list[dict[str, Any]], key: str) -> str:
+    a = statistics.fmean(_get(key)(r) for r in num)
+    b = statistics.fmean(_get(key)(r) for r in den)
+    return f"{a / b:.2f}x" if b > 0 else ("-" if a == 0 else "inf")
+
+
+def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sweep.results
+    groups = _groups(results)
+    policies = list(dict.fromkeys(r["policy"] for r in results))
+    xs = sorted({_x(r) for r in results})
+    xname = "load (x fcfs capacity)" if results and results[0]["load"] is not None else "rate /s"
+    paths = []
+
+    def series(p: str, key: str) -> list[float]:
+        return [
+            statistics.fmean(_get(key)(r) for r in groups[(p, x)]) if (p, x) in groups else math.nan
+            for x in xs
+        ]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for p in policies:
+        axes[0].plot(xs, series(p, "latency_s.mean"), marker="o", label=p)
+        axes[1].plot(xs, series(p, "latency_s.p95"), marker="o", label=p)
+    for ax, title in zip(axes, ("mean session latency", "p95 session latency"), strict=True):
+        ax.set_xlabel(xname)
+        ax.set_ylabel("seconds")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    paths.append(_save(fig, out / "latency.png"))
+
+    for key, name, ylabel in (
+        ("goodput.fraction", "goodput.png", "sessions within 3x ideal"),
+        ("throughput.steady_sessions_per_s", "throughput.png", "steady sessions/s"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for p in policies:
+            ax.plot(xs, series(p, key), marker="o", label=p)
+        ax.set_xlabel(xname)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / name))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    top = xs[-1] if xs else None
+    for p in policies:
+        g = groups.get((p, top), []) if top is not None else []
+        if g and g[0].get("kv_usage_over_time"):
+            t, u = zip(*g[0]["kv_usage_over_time"], strict=True)
+            ax.plot(t, u, label=p, linewidth=0.8)
+    ax.set_xlabel("simulated seconds (highest load, first seed)")
+    ax.set_ylabel("KV blocks held (fraction)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out / "kv_usage.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,94 @@
+"""`mars sweep`: policies x loads x seeds on the simulator, with fcfs capacity as the yardstick.
+
+Capacity is the peak steady throughput `fcfs` reaches in closed loop over 8..128 concurrent
+sessions (the whole curve is kept: past its peak fcfs thrashes). `--loads` are fractions of that
+peak, turned into Poisson arrival rates; `--rates` are taken as given. Every (policy, rate, seed)
+runs the same workload sample and arrival times for that seed, and shares its ideal times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mars.bench.capacity import CONCURRENCIES, CurvePoint, capacity_curve, peak
+from mars.sim.experiment import (
+    SimSpec,
+    load_specs,
+    make_cost_model,
+    run_experiment,
+    workload_ideals,
+)
+
+UNSTABLE_RATIO = 1.3
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    base: SimSpec  # traces, gpu, model, sessions, kv_scale, ... (its policy/load are replaced)
+    policies: tuple[str, ...]
+    seeds: tuple[int, ...]
+    rates: tuple[float, ...] = ()  # sessions/s, or
+    loads: tuple[float, ...] = ()  # fractions of fcfs capacity
+
+    @property
+    def runs(self) -> int:
+        return len(self.policies) * len(self.seeds) * max(len(self.rates), len(self.loads))
+
+
+@dataclass
+class SweepResult:
+    capacity: list[CurvePoint] | None
+    capacity_per_s: float | None
+    results: list[dict[str, Any]]
+
+
+def unstable(result: dict[str, Any]) -> bool:
+    """Open loop is unstable when sessions arriving in the last third wait much longer than
+    those of the first third (the queue grows without bound)."""
+    rows = sorted(
+        (r for r in result["per_session"] if r["latency_s"] is not None),
+        key=lambda r: r["arrival_s"],
+    )
+    third = len(rows) // 3
+    if third == 0:
+        return False
+    first = sum(r["latency_s"] for r in rows[:third]) / third
+    last = sum(r["latency_s"] for r in rows[-third:]) / third
+    return bool(last > UNSTABLE_RATIO * first)
+
+
+def run_sweep(
+    plan: SweepPlan,
+    on_capacity: Callable[[CurvePoint], None] | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> SweepResult:
+    curve: list[CurvePoint] | None = None
+    cap: float | None = None
+    rates: Sequence[float] = plan.rates
+    labels: Sequence[float | None] = [None] * len(rates)
+    if plan.loads:
+        curve = capacity_curve(
+            replace(plan.base, policy="fcfs", seed=plan.seeds[0]), CONCURRENCIES, on_capacity
+        )
+        cap = peak(curve).steady
+        rates = [f * cap for f in plan.loads]
+        labels = list(plan.loads)
+    results = []
+    cost = make_cost_model(plan.base)
+    for seed in plan.seeds:
+        first = replace(plan.base, seed=seed, rate=rates[0], concurrency=None)
+        specs = load_specs(first)
+        ideal = workload_ideals(first, specs, cost)
+        for rate, load in zip(rates, labels, strict=True):
+            for policy in plan.policies:
+                spec = replace(first, policy=policy, rate=rate)
+                result = run_experiment(spec, specs, ideal=ideal)
+                result["load"] = load
+                result["rate"] = rate
+                result["unstable"] = unstable(result)
+                results.append(result)
+                if on_run is not None:
+                    on_run(result)
+    return SweepResult(curve, cap, results)
