@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mars.core.errors import UsageError
-from mars.sched.registry import policy_names
+from mars.sched.registry import make_policy, policy_names
 from mars.sim.costmodel import GPUS, MODELS
 from mars.sim.costmodel_cli import (
     add_costmodel_parser,
@@ -143,6 +143,20 @@ def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> N
     if single_run:
         p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        type=_setting,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a policy parameter (repeatable)",
+    )
+    p.add_argument(
+        "--policy-config",
+        metavar="FILE",
+        help="JSON object of policy parameters (then --set on top)",
+    )
 
 
 def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -231,6 +245,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is a file; give a directory")
     args.seed, args.json_out, args.policy = args.seeds[0], None, args.policies[0]
     base = _spec(args, rate=1.0)
+    for name in args.policies:  # every --set must name a parameter of every swept policy
+        make_policy(name, dict(base.policy_settings))
     plan = SweepPlan(
         base,
         tuple(args.policies),
@@ -276,6 +292,32 @@ def load_specs_check(spec: Any) -> None:
     load_specs(spec)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _settings(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    out: dict[str, str] = {}
+    if args.policy_config:
+        try:
+            data = json.loads(Path(args.policy_config).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--policy-config {args.policy_config}: {e}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--policy-config {args.policy_config}: expected a JSON object")
+        out.update(
+            {
+                str(k): ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                for k, v in data.items()
+            }
+        )
+    out.update(dict(args.settings))
+    return tuple(out.items())
+
+
 def _int_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
 
@@ -296,9 +338,11 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
         token_scale=args.token_scale,
         time_scale=args.time_scale,
         kv_scale=args.kv_scale,
+        policy_settings=_settings(args),
         **load,
     )
-    make_cost_model(spec)  # fail fast on a bad GPU/model before reading traces
+    make_cost_model(spec)  # fail fast on a bad GPU/model or setting before reading traces
+    make_policy(spec.policy, dict(spec.policy_settings))
     if args.json_out:
         _check_writable(args.json_out)
     return spec
@@ -409,3 +453,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mars: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0

@@ -139,6 +139,7 @@ class KVManager:
         self._chains: dict[str, KVBlocks] = {}
         self._host_used = 0
         self._pending_evict: dict[str, int] = {}
+        self._pinned: dict[str, None] = {}  # sessions pinned through a tool call, oldest first
         self._num_held = 0
         self._hit = self._restored = self._evicted_tokens = 0
         self._evictions = self._offloads = self._restores = self._retains = 0
@@ -314,6 +315,7 @@ class KVManager:
         tokens = req.num_computed_tokens
         if retention is Retention.PIN:
             chain.pinned, chain.num_tokens = True, tokens
+            self._pinned[chain.session_id] = None
             self._retains += 1
             self._emit(KvRetain, chain.session_id, tokens)
             return
@@ -338,11 +340,24 @@ class KVManager:
 
     def unpin(self, session_id: str) -> None:
         """A pinned chain becomes ordinary prefix cache (evictable)."""
+        self._pinned.pop(session_id, None)
         chain = self._chains.get(session_id)
         if chain is not None and chain.pinned:
             self._release(chain, chain.num_tokens)
 
+    def unpin_oldest(self) -> bool:
+        """Release the longest-held pin (the engine would stall otherwise); False if none."""
+        while self._pinned:
+            sid = next(iter(self._pinned))
+            chain = self._chains.get(sid)
+            self._pinned.pop(sid)
+            if chain is not None and chain.pinned:
+                self._release(chain, chain.num_tokens)
+                return True
+        return False
+
     def end_session(self, session_id: str) -> None:
+        self._pinned.pop(session_id, None)
         chain = self._chains.pop(session_id, None)
         if chain is None:
             return

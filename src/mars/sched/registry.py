@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
 from mars.core.errors import UsageError
@@ -32,12 +32,61 @@ def policy_names() -> list[str]:
     return sorted({*_BUILTIN, *_registered, *_plugins()})
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, settings: Mapping[str, object] | None = None) -> Policy:
+    """A fresh policy; `settings` override its parameters (`--set key=value`)."""
     if name in _registered:
-        return _registered[name]()
-    target = _BUILTIN.get(name) or _plugins().get(name)
-    if target is None:
-        raise UsageError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
-    module, _, attr = target.partition(":")
-    factory: Callable[[], Policy] = getattr(importlib.import_module(module), attr)
-    return factory()
+        policy = _registered[name]()
+    else:
+        target = _BUILTIN.get(name) or _plugins().get(name)
+        if target is None:
+            raise UsageError(
+                f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}"
+            )
+        module, _, attr = target.partition(":")
+        factory: Callable[[], Policy] = getattr(importlib.import_module(module), attr)
+        policy = factory()
+    for key, value in (settings or {}).items():
+        _set(policy, key, value)
+    return policy
+
+
+def parameters(policy: Policy) -> dict[str, object]:
+    """A policy's settable parameters and their values (printed into every result)."""
+    out: dict[str, object] = {}
+    for cls in reversed(type(policy).__mro__):
+        for key, value in vars(cls).items():
+            if not key.startswith("_") and isinstance(value, _SETTABLE) and key not in _FIXED:
+                out[key] = getattr(policy, key)
+    return out
+
+
+_SETTABLE = (bool, int, float, tuple)
+_FIXED = ("name", "fast_forward_ok")  # properties of the implementation, not parameters
+
+
+def _set(policy: Policy, key: str, value: object) -> None:
+    known = parameters(policy)
+    if key not in known:
+        raise UsageError(
+            f"policy {policy.name} has no parameter {key!r}; its parameters: "
+            f"{', '.join(f'{k}={v}' for k, v in known.items()) or '(none)'}"
+        )
+    current = known[key]
+    try:
+        if isinstance(current, bool):
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            coerced: object = text in ("true", "1")
+        elif isinstance(current, tuple):
+            parts = value if isinstance(value, list | tuple) else str(value).split(",")
+            coerced = tuple(type(current[0])(p) for p in parts) if current else tuple(parts)
+        elif isinstance(current, int):
+            coerced = int(str(value))
+        else:
+            coerced = float(str(value))
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"--set {key}={value}: expected a {type(current).__name__} like {current!r}"
+        ) from None
+    setattr(policy, key, coerced)

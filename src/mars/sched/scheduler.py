@@ -135,6 +135,9 @@ class Scheduler:
                 break
             limit = min(budget, policy.chunk_tokens(req, budget))
             start = kv.start(req, limit)
+            while start is None and not self.running and not started and kv.unpin_oldest():
+                # Nothing runs, so nothing else will free KV: pins are hints, not locks.
+                start = kv.start(req, limit)
             if start is None:
                 if policy.stop_after_failure():
                     break

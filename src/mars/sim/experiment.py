@@ -16,7 +16,7 @@ from typing import Any
 from mars.bench.metrics import SessionResult, result_json
 from mars.core.errors import UsageError
 from mars.sched.policies.fcfs import FCFSPolicy
-from mars.sched.registry import make_policy
+from mars.sched.registry import make_policy, parameters
 from mars.sim.arrivals import arrival_times
 from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
 from mars.sim.run import Arrivals, SessionRecord, SimConfig, SimOutcome, Simulation
@@ -43,6 +43,7 @@ class SimSpec:
     time_scale: float = 1.0
     kv_scale: float = 1.0
     host_kv_gb: float = 256.0  # host memory for offloaded KV (per GPU)
+    policy_settings: tuple[tuple[str, str], ...] = ()  # --set key=value overrides
     fast_forward: bool = True
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ def run_experiment(
     if specs is None:
         specs = load_specs(spec)
     cost = make_cost_model(spec)
-    policy = make_policy(spec.policy)
+    policy = make_policy(spec.policy, dict(spec.policy_settings))
     config = SimConfig(
         tool_cores=spec.tool_cores,
         fast_forward=spec.fast_forward,
@@ -130,7 +131,9 @@ def run_experiment(
     outcome = Simulation(specs, policy, cost, arrivals, config, on_session_done=progress).run()
     if ideal is None:
         ideal = workload_ideals(spec, specs, cost)
-    return _result(spec, specs, outcome, ideal, cost, time.perf_counter() - t0)
+    result = _result(spec, specs, outcome, ideal, cost, time.perf_counter() - t0)
+    result["policy_config"] = parameters(policy)
+    return result
 
 
 def workload_ideals(
