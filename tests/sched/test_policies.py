@@ -129,3 +129,24 @@ def test_infercept_picks_the_least_waste() -> None:
     sched.bus.publish(ToolEnd(0.0, "x", "test", 30.0, 0.0))
     _finish_with_tool(sched, "test")
     assert sched.kv.residency("a") is Residency.CACHED and sched.kv.stats().offloads == 0
+
+
+def test_pins_give_way_when_nothing_else_can_free_kv() -> None:
+    from mars.core.request import Request
+    from mars.core.session import Session
+    from mars.kv.manager import Retention
+    from mars.sched.policies.fcfs import FCFSPolicy
+
+    class PinAll(FCFSPolicy):
+        def retention(self, session: Session, req: Request) -> Retention:
+            return Retention.PIN
+
+    sched = make_scheduler(policy=PinAll(), num_blocks=16, block_size=4, budget=64)
+    _finish_with_tool(sched, "view")  # 'a' pins 42 of the 64 tokens of KV
+    assert sched.kv.residency("a") is Residency.GPU
+    other = make_request(prompt=40, output=2, session="b")
+    add_session(sched, other)
+    plan = sched.schedule()
+    assert plan.requests == [other]  # started: a's pin was released instead of stalling
+    assert sched.kv.residency("a") is Residency.CACHED
+    sched.kv.check_integrity()
