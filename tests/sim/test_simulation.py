@@ -435,6 +435,10 @@ class FutureCheck:
         self._check("stop_after_failure")
         return self.inner.stop_after_failure()
 
+    def shrink_chunk(self, req: Request, num_tokens: int) -> int | None:
+        self._check("shrink_chunk", req)
+        return self.inner.shrink_chunk(req, num_tokens)
+
     def retention(self, session: Session, req: Request) -> Retention:
         self._check("retention", session, req)
         return self.inner.retention(session, req)

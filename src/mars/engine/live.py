@@ -40,6 +40,9 @@ class Chunk:
     cached_tokens: int = 0
 
 
+_ABORTED = Chunk("", [], "abort")
+
+
 @dataclass
 class _Stream:
     req: Request
@@ -132,6 +135,7 @@ class LiveEngine:
                 f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the "
                 f"context of {self.max_context} tokens"
             )
+        self.executor.check(params)
         rid = f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -215,6 +219,13 @@ class LiveEngine:
             arrival,
             len(session.turns),
         )
+        try:
+            self.executor.add(req, prompt, params)
+        except Exception:  # checked in generate(); never let one request stop the engine
+            if not session.turns:
+                del self.sessions[session_id]
+            self._send(_Stream(req, params, loop, queue, Detokenizer(self.model)), _ABORTED)
+            return
         last = session.turns[-1].request if session.turns else None
         if last is not None and last.finish_time is not None:
             # Every answer opened a tool phase (the agent ran something or thought); this call
@@ -226,7 +237,6 @@ class LiveEngine:
             )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
-        self.executor.add(req, prompt, params)
         self._streams[rid] = _Stream(req, params, loop, queue, Detokenizer(self.model))
         self.scheduler.add_request(req)
 

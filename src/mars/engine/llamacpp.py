@@ -105,6 +105,13 @@ class LlamaCppExecutor:
         self._params[req.request_id] = params
         self._samplers[req.request_id] = _Sampler(self.model, params, self.config.seed)
 
+    def check(self, params: SamplingParams) -> None:
+        """Raise ValueError if `params` cannot be sampled (a grammar llama.cpp does not parse).
+
+        Called on the client's thread: a failure inside the engine thread would stop the engine.
+        """
+        _Sampler(self.model, params, self.config.seed).close()
+
     def prompt_of(self, request_id: str) -> list[int]:
         return self._prompts.get(request_id, [])
 

@@ -68,6 +68,8 @@ class Policy(Protocol):
 
     def stop_after_failure(self) -> bool: ...
 
+    def shrink_chunk(self, req: Request, num_tokens: int) -> int | None: ...
+
     def retention(self, session: Session, req: Request) -> Retention: ...
 
     def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]: ...
@@ -108,6 +110,10 @@ class BasePolicy:
     def stop_after_failure(self) -> bool:
         # vLLM stops filling the batch at the first waiting request that does not fit.
         return True
+
+    def shrink_chunk(self, req: Request, num_tokens: int) -> int | None:
+        # vLLM preempts at once when a chunk does not fit; it never shrinks it.
+        return None
 
     def retention(self, session: Session, req: Request) -> Retention:
         return Retention.DROP

@@ -15,6 +15,10 @@ _BUILTIN: dict[str, str] = {
     "continuum": "mars.sched.policies.continuum:ContinuumPolicy",
     "autellix": "mars.sched.policies.autellix:AutellixPolicy",
     "infercept": "mars.sched.policies.infercept:InferCeptPolicy",
+    "mars": "mars.sched.policies.mars:MarsPolicy",
+    "mars-no-priority": "mars.sched.policies.mars:MarsNoPriority",
+    "mars-no-admission": "mars.sched.policies.mars:MarsNoAdmission",
+    "mars-no-retention": "mars.sched.policies.mars:MarsNoRetention",
 }
 _registered: dict[str, Callable[[], Policy]] = {}
 

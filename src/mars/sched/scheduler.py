@@ -108,6 +108,10 @@ class Scheduler:
                 n = min(n, policy.chunk_tokens(req, budget))
             n = min(n, budget)
             while n > 0 and kv.allocate(req, n) is None:
+                smaller = policy.shrink_chunk(req, n) if req.is_prefill else None
+                if smaller is not None and 0 < smaller < n:
+                    n = smaller  # a smaller chunk may fit without evicting anyone
+                    continue
                 victim = policy.pick_victim(self.running, req)
                 if victim is None:
                     n = 0

@@ -1,33 +1,67 @@
 """The OpenAI-compatible HTTP front of the embedded engine: routes, validation, streaming.
 
-Only HTTP lives here: scheduling is the engine's (`mars.engine.live`), session identity and
-markers are `sessions.py`'s, function calling is `toolcalls.py`'s.
+Only HTTP lives here: scheduling is the engine's (`mars.engine.live`), request bodies and sampling
+values are `protocol.py`'s, session identity and markers `sessions.py`'s, function calling
+`toolcalls.py`'s. A client that goes away cancels its request: streams through Starlette's
+disconnect listener, plain requests through `_unless_gone`; either way the engine aborts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mars.engine.live import Chunk, LiveEngine
 from mars.engine.sampling import SamplingParams
 from mars.server import toolcalls
-from mars.server.protocol import APIError, ChatRequest, CompletionRequest, _Body, error_response
-from mars.server.sessions import func_calls, is_last_step, session_of
+from mars.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    _Body,
+    error_body,
+    error_response,
+    sampling_params,
+)
+from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
 
 MAX_BODY_BYTES = 4 << 20
 MODEL_ALIASES = ("default", "mars")
+# engine.stats() keys that only grow (Prometheus counters); the others are gauges.
+_COUNTERS = frozenset(
+    {
+        "prefix_hit_tokens",
+        "prompt_tokens",
+        "recomputed_tokens",
+        "preemptions",
+        "evicted_tokens",
+        "offloads",
+        "restores",
+        "steps",
+        "generated_tokens",
+        "failed_steps",
+        "step_s",
+        "sched_s",
+    }
+)
+log = logging.getLogger("mars.server")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,14 +71,54 @@ class ServerConfig:
 
 
 @dataclass
-class _Prepared:
+class _Call:
+    """One validated request, ready for the engine."""
+
     session_id: str
     prompt: list[int]
     params: SamplingParams
-    last_step: bool
-    fns: dict[str, Any]
-    mode: str
+    last_step: bool  # end the session after this turn
     last_tool: str | None  # the tool the agent ran since its previous call (a marker)
+    fns: dict[str, Any] = field(default_factory=dict)  # functions a reply may call
+
+
+class _Guard:
+    """Pure ASGI middleware (it must not buffer streams): API key, then the body size limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        got = headers.get(b"authorization", b"")
+        checked = self.expected is not None and scope["path"] != "/health"
+        if checked and not hmac.compare_digest(got, self.expected or b""):
+            reply = error_response(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+            return await reply(scope, receive, send)
+        size = headers.get(b"content-length", b"")
+        if size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return await error_response(413, _too_large(int(size)))(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:  # chunked uploads have no content-length
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise HTTPException(413, _too_large(seen))  # FastAPI lets this one through
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(size: int) -> str:
+    return f"the request body ({size}+ bytes) exceeds the limit of {MAX_BODY_BYTES} bytes"
 
 
 def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> FastAPI:
@@ -52,41 +126,24 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await asyncio.to_thread(make_engine)
-        engine.start()
-        state["engine"] = engine
+        eng = await asyncio.to_thread(make_engine)
+        eng.start()
+        state["engine"] = eng
         reaper = asyncio.create_task(_reap_idle(state, config.idle_timeout_s))
         try:
             yield
         finally:
             reaper.cancel()
-            await asyncio.to_thread(engine.shutdown)
+            await asyncio.to_thread(eng.shutdown)
 
     app = FastAPI(title="mars", lifespan=lifespan)
+    app.add_middleware(_Guard, api_key=config.api_key)
 
     def engine() -> LiveEngine:
         eng: LiveEngine = state["engine"]
         if eng.error is not None:
             raise APIError(503, f"the engine stopped: {eng.error}; restart `mars serve`")
         return eng
-
-    @app.middleware("http")
-    async def guard(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return error_response(
-                413, f"request body of {size} bytes exceeds the {MAX_BODY_BYTES} byte limit"
-            )
-        authorized = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
-        if config.api_key and request.url.path != "/health" and not authorized:
-            return error_response(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -98,48 +155,51 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, "the request body is not valid JSON")
         first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # Drop "body" and pydantic's union-branch tags ("str", "list[int]") from the location.
+        loc = [p for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+        where = ".".join(str(p) for p in loc)
         return error_response(
             422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail))
+        if e.status_code == 400 and "parsing the body" in str(e.detail):
+            return error_response(400, "the request body could not be read as JSON")
+        return error_response(e.status_code, f"{e.detail}")
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> JSONResponse:
         eng = state.get("engine")
-        return {"status": "ok" if eng is not None and eng.error is None else "starting"}
+        if eng is None or eng.error is not None:
+            status = "starting" if eng is None else f"error: {eng.error}"
+            return JSONResponse({"status": status}, 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         eng = engine()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": eng.model.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "mars",
-                    "max_model_len": eng.max_context,
-                }
-            ],
-        }
+        card = {"id": eng.model.name, "object": "model", "created": 0, "owned_by": "mars"}
+        return {"object": "list", "data": [{**card, "max_model_len": eng.max_context}]}
 
     @app.get("/v1/kv_cache_stats")
     async def kv_cache_stats() -> dict[str, Any]:
-        return {"policy": engine().policy_name, **engine().stats()}
+        eng = engine()
+        return {"policy": eng.policy_name, **eng.stats()}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        stats = engine().stats()
-        lines = []
-        for key, value in stats.items():
+        eng = engine()
+        lines = ["# TYPE mars_info gauge", f'mars_info{{policy="{eng.policy_name}"}} 1']
+        for key, value in eng.stats().items():
             if isinstance(value, int | float):
-                lines.append(f"# TYPE mars_{key} gauge")
-                lines.append(f"mars_{key} {value}")
+                kind = "counter" if key in _COUNTERS else "gauge"
+                lines += [f"# TYPE mars_{key} {kind}", f"mars_{key} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.delete("/v1/sessions/{session_id}")
@@ -153,31 +213,15 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         eng = engine()
         _check_model(eng, body.model)
         fns, mode = toolcalls.chosen(body.tools, body.tool_choice)
-        messages = toolcalls.normalize_messages(body.messages)
-        if fns:
-            messages = [{"role": "system", "content": toolcalls.system_prompt(fns)}, *messages]
-        opening = [m for m in messages if m["role"] in ("system", "user")][:2]
-        sid = session_of(body, request.headers, opening)
-        try:
-            text = eng.model.render_chat(messages, None)
-        except Exception as e:  # template errors are the client's messages' fault
-            raise APIError(400, f"the messages cannot be rendered: {e}", param="messages") from None
+        prompt = eng.model.tokenize(toolcalls.render(eng.model, body.messages, fns))
         grammar = toolcalls.grammar(fns) if mode not in ("none", "auto") else None
-        prep = _prepare(
-            eng,
-            body,
-            request,
-            sid,
-            eng.model.tokenize(text),
-            body.max_completion_tokens,
-            grammar,
-            fns,
-            mode,
-        )
+        sid = session_of(body, request.headers, chat_opening(body.messages))
+        call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar)
+        call.fns = fns
         state["last_seen"][sid] = time.monotonic()
         if body.stream:
-            return _sse(_chat_stream(eng, body, prep), eng, prep)
-        return JSONResponse(await _chat_full(eng, body, prep))
+            return _sse(_chat_stream(eng, body, call), call)
+        return await _unless_gone(request, _chat_full(eng, call))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -196,12 +240,14 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
                 raise APIError(
                     400, f"prompt token ids must be in [0, {eng.model.n_vocab})", param="prompt"
                 )
+        if not tokens:
+            raise APIError(400, "the prompt is empty", param="prompt")
         sid = session_of(body, request.headers, tokens[:64])
-        prep = _prepare(eng, body, request, sid, tokens, None, None, {}, "none")
+        call = _call(eng, body, request, sid, tokens, None, None)
         state["last_seen"][sid] = time.monotonic()
         if body.stream:
-            return _sse(_completion_stream(eng, body, prep), eng, prep)
-        return JSONResponse(await _completion_full(eng, body, prep))
+            return _sse(_completion_stream(eng, body, call), call)
+        return await _unless_gone(request, _completion_full(eng, call))
 
     return app
 
@@ -217,7 +263,7 @@ def _check_model(eng: LiveEngine, name: str | None) -> None:
         )
 
 
-def _prepare(
+def _call(
     eng: LiveEngine,
     body: _Body,
     request: Request,
@@ -225,68 +271,54 @@ def _prepare(
     prompt: list[int],
     max_completion: int | None,
     grammar: str | None,
-    fns: dict[str, Any],
-    mode: str,
-) -> _Prepared:
-    if body.n != 1:
-        raise APIError(400, "n must be 1: one choice per request", param="n")
-    if not prompt:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    room = eng.max_context - len(prompt)
-    if room < 1:
-        raise APIError(
-            400,
-            f"the prompt has {len(prompt)} tokens but the context holds "
-            f"{eng.max_context}; shorten it or start mars serve with a larger "
-            "--kv-tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    max_tokens = max_completion if max_completion is not None else body.max_tokens
-    if max_tokens is None:
-        max_tokens = room
-    if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-    if len(prompt) + max_tokens > eng.max_context:
-        raise APIError(
-            400,
-            f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
-            f"exceeds the context of {eng.max_context} tokens; lower max_tokens to "
-            f"at most {room}",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    xargs = body.vllm_xargs or {}
-    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-    try:
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=tuple(stop),
-            min_tokens=int(xargs.get("min_tokens", body.min_tokens)),
-            ignore_eos=bool(xargs.get("ignore_eos", body.ignore_eos)),
-            grammar=grammar,
-        )
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+) -> _Call:
+    params = sampling_params(body, len(prompt), eng.max_context, max_completion, grammar)
     _, last_tool = func_calls(body, request.headers)
-    return _Prepared(sid, prompt, params, is_last_step(body, request.headers), fns, mode, last_tool)
+    return _Call(sid, prompt, params, is_last_step(body, request.headers), last_tool)
 
 
-async def _generate(eng: LiveEngine, prep: _Prepared) -> AsyncIterator[Chunk]:
+async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
+    """Run `work`, cancelling it (and so aborting the request in the engine) if the client
+    disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    return JSONResponse(task.result())
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _generate(eng: LiveEngine, call: _Call) -> AsyncIterator[Chunk]:
     try:
         async for chunk in eng.generate(
-            prep.session_id, prep.prompt, prep.params, tool_name=prep.last_tool
+            call.session_id, call.prompt, call.params, tool_name=call.last_tool
         ):
+            if chunk.finish_reason == "abort":
+                raise APIError(
+                    503,
+                    "the engine aborted the request (its session was ended, or the batch "
+                    "failed); retry",
+                    code="aborted",
+                    headers={"Retry-After": "1"},
+                )
             yield chunk
     except ValueError as e:
         raise APIError(400, str(e)) from None
     finally:
-        if prep.last_step:
-            eng.end_session(prep.session_id)
+        if call.last_step:
+            eng.end_session(call.session_id)
 
 
 def _usage(last: Chunk) -> dict[str, Any]:
@@ -304,150 +336,113 @@ def _finish_reason(last: Chunk, calls: list[dict[str, Any]] | None) -> str:
     return "length" if last.finish_reason == "length" else "stop"
 
 
-async def _collect(eng: LiveEngine, prep: _Prepared) -> tuple[str, Chunk]:
+async def _collect(eng: LiveEngine, call: _Call) -> tuple[str, Chunk]:
     text, last = "", None
-    async for chunk in _generate(eng, prep):
+    async for chunk in _generate(eng, call):
         text += chunk.text
         last = chunk
     assert last is not None and last.finish_reason is not None
-    if last.finish_reason == "abort":
-        raise APIError(
-            503, "the request was aborted by the engine; retry", headers={"Retry-After": "1"}
-        )
     return text, last
 
 
-async def _chat_full(eng: LiveEngine, body: ChatRequest, prep: _Prepared) -> dict[str, Any]:
-    text, last = await _collect(eng, prep)
-    # A forced call cut short by max_tokens is returned as text with finish_reason "length",
-    # as OpenAI does with truncated arguments.
-    calls = toolcalls.parse(text, prep.fns) if prep.fns else None
-    message: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
-    if calls:
-        message["tool_calls"] = calls
+def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
+    prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
     return {
-        "id": "chatcmpl-" + uuid.uuid4().hex,
-        "object": "chat.completion",
+        "id": prefix + uuid.uuid4().hex,
+        "object": kind,
         "created": int(time.time()),
         "model": eng.model.name,
-        "session_id": prep.session_id,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": _finish_reason(last, calls),
-            }
-        ],
+    }
+
+
+async def _chat_full(eng: LiveEngine, call: _Call) -> dict[str, Any]:
+    text, last = await _collect(eng, call)
+    # A forced call cut short by max_tokens is returned as text with finish_reason "length",
+    # as OpenAI does with truncated arguments.
+    content, calls = toolcalls.parse(text, call.fns) if call.fns else (text, None)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    choice = {"index": 0, "message": message, "logprobs": None}
+    return {
+        **_head("chat.completion", eng),
+        "session_id": call.session_id,
+        "choices": [{**choice, "finish_reason": _finish_reason(last, calls)}],
         "usage": _usage(last),
     }
 
 
-async def _completion_full(
-    eng: LiveEngine, body: CompletionRequest, prep: _Prepared
-) -> dict[str, Any]:
-    text, last = await _collect(eng, prep)
+async def _completion_full(eng: LiveEngine, call: _Call) -> dict[str, Any]:
+    text, last = await _collect(eng, call)
+    choice = {"index": 0, "text": text, "logprobs": None}
     return {
-        "id": "cmpl-" + uuid.uuid4().hex,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": eng.model.name,
-        "session_id": prep.session_id,
-        "choices": [
-            {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": _finish_reason(last, None),
-            }
-        ],
+        **_head("text_completion", eng),
+        "session_id": call.session_id,
+        "choices": [{**choice, "finish_reason": _finish_reason(last, None)}],
         "usage": _usage(last),
     }
 
 
 async def _chat_stream(
-    eng: LiveEngine, body: ChatRequest, prep: _Prepared
-) -> AsyncIterator[dict[str, Any]]:
-    base = {
-        "id": "chatcmpl-" + uuid.uuid4().hex,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": eng.model.name,
-    }
-    yield {
-        **base,
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        ],
-    }
-    buffered = prep.fns  # a call must be whole before it can be parsed: send it at the end
+    eng: LiveEngine, body: ChatRequest, call: _Call
+) -> AsyncGenerator[dict[str, Any], None]:
+    head = _head("chat.completion.chunk", eng)
+    first = {"role": "assistant", "content": ""}
+    yield {**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]}
+    buffered = bool(call.fns)  # a call must be whole before it can be parsed: send it at the end
     text, last = "", None
-    async for chunk in _generate(eng, prep):
+    async for chunk in _generate(eng, call):
         last = chunk
         text += chunk.text
         if chunk.text and not buffered:
-            yield {
-                **base,
-                "choices": [{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}],
-            }
+            delta = {"content": chunk.text}
+            yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
     assert last is not None
-    calls = toolcalls.parse(text, prep.fns) if prep.fns else None
-    delta: dict[str, Any] = {}
+    content, calls = toolcalls.parse(text, call.fns) if buffered else (None, None)
+    end: dict[str, Any] = {"content": content} if content else {}
     if calls:
-        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-    elif buffered and text:
-        delta["content"] = text
-    yield {
-        **base,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": _finish_reason(last, calls)}],
-    }
-    if (body.stream_options or {}).get("include_usage"):
-        yield {**base, "choices": [], "usage": _usage(last)}
+        end["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+    reason = _finish_reason(last, calls)
+    yield {**head, "choices": [{"index": 0, "delta": end, "finish_reason": reason}]}
+    if body.include_usage:
+        yield {**head, "choices": [], "usage": _usage(last)}
 
 
 async def _completion_stream(
-    eng: LiveEngine, body: CompletionRequest, prep: _Prepared
-) -> AsyncIterator[dict[str, Any]]:
-    base = {
-        "id": "cmpl-" + uuid.uuid4().hex,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": eng.model.name,
-    }
+    eng: LiveEngine, body: CompletionRequest, call: _Call
+) -> AsyncGenerator[dict[str, Any], None]:
+    head = _head("text_completion", eng)
     last = None
-    async for chunk in _generate(eng, prep):
+    async for chunk in _generate(eng, call):
         last = chunk
         if chunk.text:
-            yield {**base, "choices": [{"index": 0, "text": chunk.text, "finish_reason": None}]}
+            yield {**head, "choices": [{"index": 0, "text": chunk.text, "finish_reason": None}]}
     assert last is not None
-    yield {
-        **base,
-        "choices": [{"index": 0, "text": "", "finish_reason": _finish_reason(last, None)}],
-    }
-    if (body.stream_options or {}).get("include_usage"):
-        yield {**base, "choices": [], "usage": _usage(last)}
+    reason = _finish_reason(last, None)
+    yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}
+    if body.include_usage:
+        yield {**head, "choices": [], "usage": _usage(last)}
 
 
-def _sse(
-    events: AsyncIterator[dict[str, Any]], eng: LiveEngine, prep: _Prepared
-) -> StreamingResponse:
+def _sse(events: AsyncGenerator[dict[str, Any], None], call: _Call) -> StreamingResponse:
+    """Server-sent events ending in `data: [DONE]`; an error after the headers went out is sent
+    as an OpenAI error event."""
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 yield f"data: {json.dumps(event)}\n\n".encode()
         except APIError as e:
-            err = {
-                "error": {
-                    "message": e.message,
-                    "type": "invalid_request_error",
-                    "param": e.param,
-                    "code": e.code,
-                }
-            }
+            yield f"data: {json.dumps(e.body())}\n\n".encode()
+        except Exception as e:  # a bug: say so in the stream, end it cleanly
+            log.exception("stream failed")
+            err = error_body(500, f"internal error: {type(e).__name__}: {e}")
             yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+            await events.aclose()  # on a disconnect too: aborts the request in the engine
         yield b"data: [DONE]\n\n"
 
-    headers = {"X-Session-ID": prep.session_id, "Cache-Control": "no-cache"}
+    headers = {"X-Session-ID": call.session_id, "Cache-Control": "no-cache"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 

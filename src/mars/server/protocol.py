@@ -1,4 +1,5 @@
-"""OpenAI-compatible request bodies (plus vLLM's and MARS's extensions) and error bodies."""
+"""OpenAI-compatible request bodies (plus vLLM's and MARS's extensions), their sampling
+parameters, and OpenAI-style error bodies."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from mars.engine.sampling import SamplingParams
+
 
 class _Body(BaseModel):
     # Unknown OpenAI fields (logprobs, presence_penalty, ...) are accepted and ignored, so
-    # existing clients work unchanged.
-    model_config = ConfigDict(extra="allow")
+    # existing clients work unchanged. NaN and infinity are not sampling values.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -36,6 +39,10 @@ class _Body(BaseModel):
     is_last_step: bool | None = None
     this_func_call: str | None = None
     last_func_call: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class ChatRequest(_Body):
@@ -64,16 +71,27 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(
@@ -83,12 +101,65 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+
+
+def sampling_params(
+    body: _Body, prompt_len: int, context: int, max_completion: int | None, grammar: str | None
+) -> SamplingParams:
+    """The request's sampling parameters, or a 400 that says which value is wrong and why."""
+    if body.n != 1:
+        raise APIError(400, f"n must be 1: one choice per request (got {body.n})", param="n")
+    room = context - prompt_len
+    if room < 1:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens but the context holds {context}; shorten it "
+            "or start mars serve with a larger --kv-tokens",
+            param="messages" if isinstance(body, ChatRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    max_tokens = max_completion if max_completion is not None else body.max_tokens
+    name = "max_completion_tokens" if max_completion is not None else "max_tokens"
+    max_tokens = room if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise APIError(400, f"{name} must be at least 1, got {max_tokens}", param=name)
+    if prompt_len + max_tokens > context:
+        raise APIError(
+            400,
+            f"the prompt ({prompt_len} tokens) plus {name} ({max_tokens}) exceeds the context "
+            f"of {context} tokens; lower {name} to at most {room}",
+            param=name,
+            code="context_length_exceeded",
+        )
+    checks = (
+        (body.temperature >= 0, "temperature", "must be >= 0"),
+        (0 < body.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (body.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+    )
+    for ok, field, rule in checks:
+        if not ok:
+            raise APIError(400, f"{field} {rule}, got {getattr(body, field)}", param=field)
+    xargs = body.vllm_xargs or {}
+    min_tokens = xargs.get("min_tokens", body.min_tokens)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int):
+        raise APIError(400, "min_tokens must be an integer", param="min_tokens")
+    if not 0 <= min_tokens <= max_tokens:
+        raise APIError(
+            400, f"min_tokens must be between 0 and {name} ({max_tokens})", param="min_tokens"
+        )
+    ignore_eos = xargs.get("ignore_eos", body.ignore_eos)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "ignore_eos must be true or false", param="ignore_eos")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=min(body.top_k, 2**31 - 1),  # llama.cpp takes an int32; more is "off" anyway
+        seed=body.seed,
+        stop=tuple(s for s in stop if s),
+        min_tokens=min_tokens,
+        ignore_eos=ignore_eos,
+        grammar=grammar,
+    )

@@ -1,9 +1,10 @@
-"""OpenAI function calling on a plain chat model.
+"""OpenAI function calling on a chat model, with or without tool syntax in its template.
 
-The tools are described to the model in a system message (the default model's chat template has
-no tool syntax). With `tool_choice` "required" or naming a function, the output is constrained by
-a GBNF grammar built from the tools' JSON schemas, so it is always a valid call; with "auto" a
-reply that is a JSON call (bare, in a code fence or in `<tool_call>` tags) becomes one.
+The tools reach the model through the chat template's `tools` variable when the template uses it;
+otherwise (the default SmolLM2 template has no tool syntax) they are described in the system
+message. With `tool_choice` "required" or naming a function, the output is constrained by a GBNF
+grammar built from the tools' JSON schemas, so it is always a valid call; with "auto" a reply that
+holds a JSON call (bare, in a code fence, in `<tool_call>` tags or after some text) becomes one.
 """
 
 from __future__ import annotations
@@ -11,34 +12,28 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from mars.server.protocol import APIError
 
+# llama.cpp parses a grammar recursively: a bound such as maxLength 30000 nests that deep and
+# overflows the stack (the whole server segfaults), and huge bounds blow up the converter's
+# output. Bounds past these limits are refused with a 400 instead.
+MAX_BOUND = 1000
+MAX_PATTERN_PRODUCT = 1_000_000
+MAX_GRAMMAR_CHARS = 1 << 20
+_BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
-def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if tool.get("type", "function") == "function" else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise APIError(
-                400,
-                f"tools[{i}] must be {{'type': 'function', 'function': "
-                "{'name': ..., 'parameters': {...}}}",
-                param=f"tools[{i}]",
-            )
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise APIError(
-                400,
-                f"tools[{i}].function.parameters must be a JSON schema object",
-                param=f"tools[{i}]",
-            )
-        out[fn["name"]] = {"description": fn.get("description", ""), "parameters": params}
-    return out
+class ChatModel(Protocol):
+    chat_template: str | None
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str: ...
 
 
 def chosen(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[dict[str, Any], str]:
@@ -46,13 +41,12 @@ def chosen(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[dict[s
     if not tools or tool_choice == "none":
         return {}, "none"
     fns = _functions(tools)
-    if tool_choice in (None, "auto"):
-        return fns, "auto"
-    if tool_choice == "required":
-        return fns, "required"
+    if tool_choice in (None, "auto", "required"):
+        return fns, tool_choice or "auto"
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
-        if name in fns:
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else tool_choice.get("name")
+        if isinstance(name, str) and name in fns:
             return {name: fns[name]}, name
         raise APIError(
             400,
@@ -67,6 +61,49 @@ def chosen(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[dict[s
     )
 
 
+def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(
+                400,
+                f"tools[{i}] must be {{'type': 'function', 'function': "
+                "{'name': ..., 'parameters': {...}}}",
+                param=f"tools[{i}]",
+            )
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise APIError(
+                400,
+                f"tools[{i}].function.parameters must be a JSON schema object",
+                param=f"tools[{i}]",
+            )
+        desc = fn.get("description")
+        desc = desc if isinstance(desc, str) else ""
+        out[fn["name"]] = {"description": desc, "parameters": params}
+    return out
+
+
+def render(model: ChatModel, messages: list[dict[str, Any]], fns: dict[str, Any]) -> str:
+    """The prompt text: the template's own tool syntax if it has one, else a system message."""
+    native = "tools" in (model.chat_template or "")
+    messages = normalize_messages(messages, native)
+    tools = None
+    if fns and native:
+        tools = [{"type": "function", "function": {"name": name, **fn}} for name, fn in fns.items()]
+    elif fns:
+        note = system_prompt(fns)
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{note}"}
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+    try:
+        return model.render_chat(messages, tools)
+    except Exception as e:  # template errors are the messages' fault (wrong order, roles, ...)
+        raise APIError(400, f"the messages cannot be rendered: {e}", param="messages") from None
+
+
 def system_prompt(fns: dict[str, Any]) -> str:
     lines = [
         "You can call these functions. To call one, reply with only a JSON object "
@@ -78,8 +115,11 @@ def system_prompt(fns: dict[str, Any]) -> str:
 
 
 def grammar(fns: dict[str, Any]) -> str:
+    """GBNF for exactly one call `{"name": ..., "arguments": {...}}` of one of `fns`."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    for name, fn in fns.items():
+        _check_bounds(fn["parameters"], f"tools {name!r} parameters")
     schema = {
         "oneOf": [
             {
@@ -91,44 +131,130 @@ def grammar(fns: dict[str, Any]) -> str:
         ]
     }
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as e:  # the converter raises plain Exceptions on unsupported schemas
+        gbnf = str(json_schema_to_gbnf(json.dumps(schema)))
+    except (Exception, RecursionError) as e:  # the converter raises plain Exceptions
         raise APIError(
             400, f"the tools' parameter schemas cannot be enforced: {e}", param="tools"
         ) from None
+    if len(gbnf) > MAX_GRAMMAR_CHARS or _nesting(gbnf) > MAX_BOUND:
+        raise APIError(
+            400,
+            "the tools' parameter schemas are too large to enforce with a grammar; simplify "
+            "them or use tool_choice 'auto'",
+            param="tools",
+        )
+    return gbnf
 
 
-def parse(text: str, fns: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """OpenAI `tool_calls` from the model's reply, or None if it is not a call."""
+def _check_bounds(schema: Any, where: str) -> None:
+    """Refuse schema bounds the grammar converter and llama.cpp cannot take (see MAX_BOUND)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in _BOUNDS and isinstance(value, int) and value > MAX_BOUND:
+                raise APIError(
+                    400,
+                    f"{where}: {key} {value} is over {MAX_BOUND}, the most a forced tool call "
+                    "can enforce; lower it, drop it, or use tool_choice 'auto'",
+                    param="tools",
+                )
+            if key == "pattern" and isinstance(value, str):
+                product = 1
+                for low, high in _QUANTIFIER.findall(value):
+                    product *= max(int(low), int(high or 0), 1)
+                if product > MAX_PATTERN_PRODUCT:
+                    raise APIError(
+                        400, f"{where}: pattern {value[:80]!r} repeats too much", param="tools"
+                    )
+            elif isinstance(value, dict | list):
+                stack.append(value)
+
+
+def _nesting(gbnf: str) -> int:
+    """Deepest parenthesis nesting of a GBNF text (outside literals, classes and comments)."""
+    depth = deepest = i = 0
+    while i < len(gbnf):
+        c = gbnf[i]
+        if c in '"[':
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < len(gbnf) and gbnf[i] != close:
+                i += 2 if gbnf[i] == "\\" else 1
+        elif c == "#":
+            while i < len(gbnf) and gbnf[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def parse(text: str, fns: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(content, tool_calls) of the model's reply; tool_calls None if it holds no call."""
     body = text.strip()
     tagged = _TAGGED.findall(body)
+    if tagged:
+        found = [c for raw in tagged for c in _calls(_loads(raw), fns) or []]
+        rest = _TAGGED.sub("", body).strip()
+        return (rest or None, found) if found else (text, None)
     fenced = _FENCE.match(body)
-    candidates = tagged or [fenced.group(1) if fenced else body]
-    calls = []
-    for raw in candidates:
+    whole = _calls(_loads(fenced.group(1) if fenced else body), fns)
+    if whole:
+        return None, whole
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", body):  # a call after (or before) some prose
         try:
-            data = json.loads(raw)
+            data, end = decoder.raw_decode(body, match.start())
         except json.JSONDecodeError:
+            continue
+        calls = _calls(data, fns)
+        if calls:
+            rest = (body[: match.start()] + body[end:]).strip()
+            return rest or None, calls
+    return text, None
+
+
+def _loads(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+
+
+def _calls(data: Any, fns: dict[str, Any]) -> list[dict[str, Any]] | None:
+    out = []
+    for item in data if isinstance(data, list) else [data]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             return None
-        for item in data if isinstance(data, list) else [data]:
-            if not (isinstance(item, dict) and item.get("name") in fns):
-                return None
-            args = item.get("arguments", {})
-            calls.append(
-                {
-                    "id": "call_" + uuid.uuid4().hex[:24],
-                    "type": "function",
-                    "function": {
-                        "name": item["name"],
-                        "arguments": args if isinstance(args, str) else json.dumps(args),
-                    },
-                }
-            )
-    return calls or None
+        if item["name"] not in fns:
+            return None
+        args = item.get("arguments", item.get("parameters", {}))
+        if isinstance(args, str):
+            args = _loads(args)
+        if not isinstance(args, dict):
+            return None
+        out.append(
+            {
+                "id": "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": json.dumps(args)},
+            }
+        )
+    return out or None
 
 
-def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages a plain template can render: text content, tool results and calls as text."""
+def normalize_messages(messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
+    """Messages the template can render: text content; without native tool syntax, tool
+    results and earlier calls become text."""
     out = []
     for i, m in enumerate(messages):
         role = m.get("role")
@@ -138,25 +264,65 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"messages[{i}].role {role!r} is not one of system, user, assistant, tool",
                 param=f"messages[{i}].role",
             )
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        elif content is not None and not isinstance(content, str):
-            raise APIError(
-                400,
-                f"messages[{i}].content must be a string or a list of parts",
-                param=f"messages[{i}].content",
-            )
-        if role == "assistant" and m.get("tool_calls"):
-            calls = [
-                {
-                    "name": c.get("function", {}).get("name"),
-                    "arguments": c.get("function", {}).get("arguments"),
-                }
-                for c in m["tool_calls"]
-            ]
-            content = (content or "") + json.dumps(calls)
+        content = _text(m.get("content"), i)
+        calls = _past_calls(m.get("tool_calls"), i) if role == "assistant" else []
+        if role == "developer":
+            role = "system"
+        if native:
+            msg: dict[str, Any] = {"role": "tool" if role == "function" else role}
+            msg["content"] = content
+            if calls:
+                msg["tool_calls"] = [
+                    {"id": c["id"], "type": "function", "function": c["function"]} for c in calls
+                ]
+            for key in ("name", "tool_call_id"):
+                if isinstance(m.get(key), str):
+                    msg[key] = m[key]
+            out.append(msg)
+            continue
+        if calls:
+            content += json.dumps([c["function"] for c in calls])
         if role in ("tool", "function"):
-            role, content = "user", f"Result of {m.get('name') or 'the tool'}: {content or ''}"
-        out.append({"role": "system" if role == "developer" else role, "content": content or ""})
+            name = m.get("name") if isinstance(m.get("name"), str) else "the tool"
+            role, content = "user", f"Result of {name}: {content}"
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _text(content: Any, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict)]
+        if all(isinstance(p, str) for p in parts):
+            return "".join(parts)  # type: ignore[arg-type]
+    raise APIError(
+        400,
+        f"messages[{i}].content must be a string or a list of text parts",
+        param=f"messages[{i}].content",
+    )
+
+
+def _past_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, with arguments parsed back into objects."""
+    if calls is None:
+        return []
+    bad = APIError(
+        400,
+        f"messages[{i}].tool_calls must be a list of "
+        "{'id', 'type': 'function', 'function': {'name', 'arguments'}}",
+        param=f"messages[{i}].tool_calls",
+    )
+    if not isinstance(calls, list):
+        raise bad
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad
+        args = fn.get("arguments")
+        parsed = _loads(args) if isinstance(args, str) else args
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{i}_{j}"
+        args = (args or {}) if parsed is None else parsed
+        out.append({"id": call_id, "function": {"name": fn["name"], "arguments": args}})
     return out
