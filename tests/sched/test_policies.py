@@ -150,3 +150,37 @@ def test_pins_give_way_when_nothing_else_can_free_kv() -> None:
     assert plan.requests == [other]  # started: a's pin was released instead of stalling
     assert sched.kv.residency("a") is Residency.CACHED
     sched.kv.check_integrity()
+
+
+def test_mars_levels_victims_and_admission() -> None:
+    from mars.core.session import Session, SessionStatus
+    from mars.sched.policies.mars import MarsPolicy
+    from mars.sched.policy import Admission
+
+    policy = MarsPolicy()
+    sched = make_scheduler(policy=policy, budget=64, num_blocks=256)
+    first = make_request(prompt=500, output=2, session="new")
+    cont = make_request(prompt=500, output=2, reuse=100, session="old", turn=3)
+    add_session(sched, first)
+    add_session(sched, cont)
+    assert policy.level(cont) == 0 and policy.level(first) == 1  # continuations first
+    assert list(policy.order_waiting(sched.waiting)) == [cont, first]
+    plan = sched.schedule()
+    assert plan.requests[0] is cont and plan.num_new_tokens[0] == 64  # level-0 quantum
+    # A prefill that used whole quanta drops levels; decoding is always level 0.
+    cont.num_computed_tokens = 64 + 32 + 16
+    assert policy.level(cont) == 3
+    # The victim is the lowest-priority prefill, never a decoding request.
+    first.num_computed_tokens = 10
+    decoding = make_request(prompt=8, output=5, session="d")
+    decoding.num_computed_tokens, decoding.num_output_tokens = 9, 2
+    assert policy.pick_victim([decoding, first, cont], cont) is cont
+    assert policy.pick_victim([decoding], decoding) is decoding  # nothing else to take
+    # Admission: a full window defers.
+    policy.window = 2.0
+    for sid in ("old", "new"):
+        s = sched.sessions[sid]
+        s.admitted_time, s.status = 0.0, SessionStatus.LLM
+    assert policy.admit(Session("third", 0.0)) is Admission.DEFER
+    policy.window = 3.0
+    assert policy.admit(Session("third", 0.0)) is Admission.ADMIT
