@@ -17,8 +17,8 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -61,7 +61,6 @@ _COUNTERS = frozenset(
 )
 log = logging.getLogger("mars.server")
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
-T = TypeVar("T")
 
 
 @dataclass
@@ -79,7 +78,7 @@ class _Call:
     params: SamplingParams
     last_step: bool  # end the session after this turn
     last_tool: str | None  # the tool the agent ran since its previous call (a marker)
-    fns: dict[str, Any] = field(default_factory=dict)  # functions a reply may call
+    fns: dict[str, Any]  # functions a reply may call (empty: plain text)
 
 
 class _Guard:
@@ -213,11 +212,11 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         eng = engine()
         _check_model(eng, body.model)
         fns, mode = toolcalls.chosen(body.tools, body.tool_choice)
-        prompt = eng.model.tokenize(toolcalls.render(eng.model, body.messages, fns))
+        text = toolcalls.render(eng.model, body.messages, fns)
+        prompt = await asyncio.to_thread(eng.model.tokenize, text)  # ~1 s for a 4 MiB body
         grammar = toolcalls.grammar(fns) if mode not in ("none", "auto") else None
         sid = session_of(body, request.headers, chat_opening(body.messages))
-        call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar)
-        call.fns = fns
+        call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
         state["last_seen"][sid] = time.monotonic()
         if body.stream:
             return _sse(_chat_stream(eng, body, call), call)
@@ -233,7 +232,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            tokens = eng.model.tokenize(prompt)
+            tokens = await asyncio.to_thread(eng.model.tokenize, prompt)
         else:
             tokens = [int(t) for t in prompt]
             if any(t < 0 or t >= eng.model.n_vocab for t in tokens):
@@ -243,7 +242,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         if not tokens:
             raise APIError(400, "the prompt is empty", param="prompt")
         sid = session_of(body, request.headers, tokens[:64])
-        call = _call(eng, body, request, sid, tokens, None, None)
+        call = _call(eng, body, request, sid, tokens, None, None, {})
         state["last_seen"][sid] = time.monotonic()
         if body.stream:
             return _sse(_completion_stream(eng, body, call), call)
@@ -271,10 +270,11 @@ def _call(
     prompt: list[int],
     max_completion: int | None,
     grammar: str | None,
+    fns: dict[str, Any],
 ) -> _Call:
     params = sampling_params(body, len(prompt), eng.max_context, max_completion, grammar)
     _, last_tool = func_calls(body, request.headers)
-    return _Call(sid, prompt, params, is_last_step(body, request.headers), last_tool)
+    return _Call(sid, prompt, params, is_last_step(body, request.headers), last_tool, fns)
 
 
 async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
