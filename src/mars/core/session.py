@@ -65,18 +65,3 @@ class Session:
         """Latest known context: the last call's prompt plus what it has generated so far."""
         req = self.current
         return self.first_prompt_tokens if req is None else req.num_tokens
-
-    @property
-    def attained_service_tokens(self) -> int:
-        """Tokens computed for this session so far (prefill and decode), for LAS-style policies."""
-        return sum(t.request.num_computed_tokens for t in self.turns)
-
-    def tool_durations(self, category: str | None = None) -> list[float]:
-        """Durations of the tools this session has finished, optionally of one category."""
-        out: list[float] = []
-        for turn in self.turns:
-            for tool in turn.tools:
-                d = tool.duration_s
-                if d is not None and (category is None or tool.category == category):
-                    out.append(d)
-        return out
