@@ -117,7 +117,11 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # In-flight streams get 5 s to finish on Ctrl-C / SIGTERM, then they are cancelled (and
+    # aborted in the engine) so the engine shuts down instead of serving a long stream to the end.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+    )
     return 0
 
 

@@ -284,6 +284,9 @@ async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Res
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down and ran out of patience
+        task.cancel()
+        return error_response(503, "the server is shutting down; retry", None, "shutdown")
     finally:
         gone.cancel()
         if not task.done():

@@ -32,12 +32,17 @@ class ToolDurations:
         self._n: dict[str, int] = {}
 
     def observe(self, event: ToolEnd) -> None:
-        self._sum[event.category] = self._sum.get(event.category, 0.0) + event.duration_s
-        self._n[event.category] = self._n.get(event.category, 0) + 1
+        for key in (event.category, ""):  # "" pools every category
+            self._sum[key] = self._sum.get(key, 0.0) + event.duration_s
+            self._n[key] = self._n.get(key, 0) + 1
 
     def mean(self, category: str) -> float | None:
         n = self._n.get(category)
         return None if not n else self._sum[category] / n
+
+    def mean_any(self) -> float | None:
+        """Mean over every tool observed so far, whatever its category."""
+        return self.mean("")
 
 
 class ContinuumPolicy(BasePolicy):

@@ -30,21 +30,14 @@ class InferCeptPolicy(BasePolicy):
     def __init__(self) -> None:
         super().__init__()
         self.durations = ToolDurations()
-        self._all = ToolDurations()
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         ctx.bus.subscribe(ToolEnd, self.durations.observe)
-        ctx.bus.subscribe(
-            ToolEnd,
-            lambda e: self._all.observe(
-                ToolEnd(e.time, e.session_id, "all", e.duration_s, e.queue_wait_s)
-            ),
-        )
 
     def expected_interception(self, req: Request) -> float | None:
         mean = self.durations.mean(req.next_tool) if req.next_tool else None
-        return mean if mean is not None else self._all.mean("all")
+        return mean if mean is not None else self.durations.mean_any()
 
     def retention(self, session: Session, req: Request) -> Retention:
         assert self.ctx is not None

@@ -64,7 +64,6 @@ class MarsPolicy(BasePolicy):
     def __init__(self) -> None:
         super().__init__()
         self.durations = ToolDurations()
-        self._all = ToolDurations()
         self._pins: dict[str, float] = {}
         self.window = float(self.window_start)
         self._overloaded = False
@@ -73,10 +72,6 @@ class MarsPolicy(BasePolicy):
         super().bind(ctx)
         self.window = float(self.window_start)
         ctx.bus.subscribe(ToolEnd, self.durations.observe)
-        ctx.bus.subscribe(
-            ToolEnd,
-            lambda e: self._all.observe(ToolEnd(e.time, e.session_id, "all", e.duration_s, 0.0)),
-        )
 
     def _now(self) -> float:
         assert self.ctx is not None, "bind() first"
@@ -160,7 +155,7 @@ class MarsPolicy(BasePolicy):
         c = req.num_computed_tokens
         expected = self.durations.mean(req.next_tool)
         if expected is None:
-            expected = self._all.mean("all") or 1.0
+            expected = self.durations.mean_any() or 1.0
         recompute = timer.step_seconds(1, c, c * (c + 1) // 2, c)
         host_room = kv.config.host_capacity_tokens - kv.host_used_tokens >= c
         restore = timer.transfer_seconds(c) if host_room else math.inf
