@@ -107,11 +107,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
-    def make_engine() -> LiveEngine:
-        return LiveEngine(Model(path), config, args.policy, args.host_kv_tokens)
-
+    # Load the model here, not in the app's startup, so a bad file or size is one clear error.
+    try:
+        engine = LiveEngine(Model(path), config, args.policy, args.host_kv_tokens)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UsageError(f"{e} (check --model and --kv-tokens)") from None
     api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
-    app = create_app(make_engine, ServerConfig(api_key, args.session_idle_timeout))
+    app = create_app(lambda: engine, ServerConfig(api_key, args.session_idle_timeout))
     print(
         f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
         f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",

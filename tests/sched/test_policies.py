@@ -184,3 +184,23 @@ def test_mars_levels_victims_and_admission() -> None:
     assert policy.admit(Session("third", 0.0)) is Admission.DEFER
     policy.window = 3.0
     assert policy.admit(Session("third", 0.0)) is Admission.ADMIT
+
+
+def test_continuum_dynamic_ttl_is_the_argmax() -> None:
+    from mars.core.events import EventBus
+    from mars.kv.manager import KVConfig, KVManager
+    from mars.sched.policies.continuum import ContinuumDynamicPolicy
+    from mars.sched.scheduler import SchedulerConfig
+
+    clock, bus = SimClock(), EventBus()
+    policy = ContinuumDynamicPolicy()
+    kv = KVManager(KVConfig(256, 4), clock, bus)
+    Scheduler(SchedulerConfig(64, 16), policy, kv, clock, bus, {}, _Timer(0.01, 0.0))
+    assert policy.ttl("test", 100) is None  # cold: behaves as fixed-TTL continuum
+    for d in (0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 3.0, 9.0):
+        bus.publish(ToolEnd(0.0, "x", "test", d, 0.0))
+    # reload(100 tokens) = 1 s, no queueing: score(0.5) = 0.8 - 0.5 = 0.3 beats
+    # score(3.0) = 0.9 - 3 and score(9.0) = 1 - 9: pin for 0.5 s.
+    assert policy.ttl("test", 100) == 0.5
+    # A call too cheap to reload is never worth pinning.
+    assert policy.ttl("test", 10) == 0.0

@@ -13,6 +13,7 @@ from mars.sched.policy import Policy
 _BUILTIN: dict[str, str] = {
     "fcfs": "mars.sched.policies.fcfs:FCFSPolicy",
     "continuum": "mars.sched.policies.continuum:ContinuumPolicy",
+    "continuum-dynamic": "mars.sched.policies.continuum:ContinuumDynamicPolicy",
     "autellix": "mars.sched.policies.autellix:AutellixPolicy",
     "infercept": "mars.sched.policies.infercept:InferCeptPolicy",
     "mars": "mars.sched.policies.mars:MarsPolicy",

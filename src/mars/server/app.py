@@ -286,7 +286,8 @@ async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Res
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server is shutting down and ran out of patience
         task.cancel()
-        return error_response(503, "the server is shutting down; retry", None, "shutdown")
+        headers = {"Retry-After": "5"}
+        return error_response(503, "the server is shutting down; retry", None, "shutdown", headers)
     finally:
         gone.cancel()
         if not task.done():
