@@ -204,3 +204,29 @@ def test_continuum_dynamic_ttl_is_the_argmax() -> None:
     assert policy.ttl("test", 100) == 0.5
     # A call too cheap to reload is never worth pinning.
     assert policy.ttl("test", 10) == 0.0
+
+
+def test_mars_counts_cpu_heavy_tools_per_worker() -> None:
+    from mars.core.events import EventBus
+    from mars.core.session import Session, SessionStatus, ToolCall, Turn
+    from mars.kv.manager import KVConfig, KVManager
+    from mars.sched.policies.mars import MarsPolicy
+    from mars.sched.scheduler import SchedulerConfig
+
+    clock, bus = SimClock(), EventBus()
+    policy = MarsPolicy()
+    sessions: dict[str, Session] = {}
+    kv = KVManager(KVConfig(64, 4), clock, bus)
+    Scheduler(SchedulerConfig(64, 16), policy, kv, clock, bus, sessions, None, tool_workers=2)
+    for i, (heavy, ended) in enumerate([(True, None), (True, None), (True, 1.0), (False, None)]):
+        s = sessions[f"s{i}"] = Session(f"s{i}", 0.0, status=SessionStatus.TOOL)
+        s.turns.append(Turn(make_request(session=f"s{i}")))
+        s.turns[-1].tools.append(ToolCall("test", heavy, 0.0, ended))
+    assert policy.cpu_load() == 1.0  # two heavy tools still running on two workers
+    sessions["s3"].turns[-1].tools.append(ToolCall("test", True, 0.0))
+    sessions["s4"] = Session("s4", 0.0, status=SessionStatus.TOOL)
+    sessions["s4"].turns.append(Turn(make_request(session="s4")))
+    sessions["s4"].turns[-1].tools.append(ToolCall("build_install", True, 0.0))
+    assert policy.cpu_load() == 2.0
+    policy.on_tick()
+    assert policy.window == policy.window_start * policy.window_dec  # overloaded: decrease

@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+# ImportError too: an installed llama-cpp-python whose shared library does not load.
 pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed: run ./scripts/setup.sh --dev"
+    "llama_cpp",
+    reason="llama-cpp-python is not importable: run ./scripts/setup.sh --dev",
+    exc_type=ImportError,
 )
 httpx = pytest.importorskip("httpx", reason="httpx is a dev dependency: pip install -e .[dev]")
 openai = pytest.importorskip("openai", reason="openai is a dev dependency: pip install -e .[dev]")
@@ -519,6 +522,12 @@ def test_idle_sessions_end(short_idle_server: str) -> None:
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     quick = chat(base, **body).json()
     assert quick["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    # A request that runs longer than the idle timeout is activity, not idleness.
+    start = time.monotonic()
+    long = chat(base, **{**body, "max_tokens": 300, "ignore_eos": True})
+    assert long.status_code == 200, long.text
+    assert long.json()["choices"][0]["finish_reason"] == "length"
+    assert time.monotonic() - start > 1.5, "too fast to prove anything: raise max_tokens"
 
 
 # ---- pieces, without a server -----------------------------------------------------------------

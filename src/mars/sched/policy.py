@@ -46,6 +46,7 @@ class PolicyContext:
     sessions: dict[str, Session]  # admitted and queued sessions, by id (past only)
     max_num_batched_tokens: int
     timer: StepTimer | None = None  # step-time model if the engine has one
+    tool_workers: int | None = None  # CPU workers running the sessions' tools, if known
 
 
 class Policy(Protocol):

@@ -39,6 +39,7 @@ class Scheduler:
         bus: EventBus,
         sessions: dict[str, Session] | None = None,
         timer: StepTimer | None = None,
+        tool_workers: int | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
@@ -62,7 +63,9 @@ class Scheduler:
         # agent side fills in what the output revealed (`Request.next_tool`).
         self.on_output_done: Callable[[Request], None] | None = None
         policy.bind(
-            PolicyContext(clock, bus, kv, self.sessions, config.max_num_batched_tokens, timer)
+            PolicyContext(
+                clock, bus, kv, self.sessions, config.max_num_batched_tokens, timer, tool_workers
+            )
         )
 
     @property

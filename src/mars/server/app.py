@@ -79,6 +79,35 @@ class _Call:
     last_step: bool  # end the session after this turn
     last_tool: str | None  # the tool the agent ran since its previous call (a marker)
     fns: dict[str, Any]  # functions a reply may call (empty: plain text)
+    activity: _Activity | None = None  # told when the request starts and ends
+
+
+class _Activity:
+    """When each session was last active; a session with a request in flight is never idle."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.inflight: dict[str, int] = {}
+
+    def begin(self, sid: str) -> None:
+        self.inflight[sid] = self.inflight.get(sid, 0) + 1
+        self.last[sid] = time.monotonic()
+
+    def end(self, sid: str) -> None:
+        self.inflight[sid] -= 1
+        if not self.inflight[sid]:
+            del self.inflight[sid]
+        self.last[sid] = time.monotonic()
+
+    def forget(self, sid: str) -> None:
+        self.last.pop(sid, None)
+
+    def idle(self, timeout_s: float) -> list[str]:
+        now = time.monotonic()
+        out = [s for s, t in self.last.items() if now - t > timeout_s and s not in self.inflight]
+        for sid in out:
+            del self.last[sid]
+        return out
 
 
 class _Guard:
@@ -121,14 +150,15 @@ def _too_large(size: int) -> str:
 
 
 def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> FastAPI:
-    state: dict[str, Any] = {"last_seen": {}}
+    state: dict[str, Any] = {}
+    activity = _Activity()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = await asyncio.to_thread(make_engine)
         eng.start()
         state["engine"] = eng
-        reaper = asyncio.create_task(_reap_idle(state, config.idle_timeout_s))
+        reaper = asyncio.create_task(_reap_idle(eng, activity, config.idle_timeout_s))
         try:
             yield
         finally:
@@ -204,7 +234,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
     @app.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: str) -> dict[str, Any]:
         engine().end_session(session_id)
-        state["last_seen"].pop(session_id, None)
+        activity.forget(session_id)
         return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -217,7 +247,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         grammar = toolcalls.grammar(fns) if mode not in ("none", "auto") else None
         sid = session_of(body, request.headers, chat_opening(body.messages))
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
-        state["last_seen"][sid] = time.monotonic()
+        call.activity = activity
         if body.stream:
             return _sse(_chat_stream(eng, body, call), call)
         return await _unless_gone(request, _chat_full(eng, call))
@@ -243,7 +273,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
             raise APIError(400, "the prompt is empty", param="prompt")
         sid = session_of(body, request.headers, tokens[:64])
         call = _call(eng, body, request, sid, tokens, None, None, {})
-        state["last_seen"][sid] = time.monotonic()
+        call.activity = activity
         if body.stream:
             return _sse(_completion_stream(eng, body, call), call)
         return await _unless_gone(request, _completion_full(eng, call))
@@ -305,6 +335,8 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _generate(eng: LiveEngine, call: _Call) -> AsyncIterator[Chunk]:
+    if call.activity is not None:
+        call.activity.begin(call.session_id)
     try:
         async for chunk in eng.generate(
             call.session_id, call.prompt, call.params, tool_name=call.last_tool
@@ -321,8 +353,12 @@ async def _generate(eng: LiveEngine, call: _Call) -> AsyncIterator[Chunk]:
     except ValueError as e:
         raise APIError(400, str(e)) from None
     finally:
+        if call.activity is not None:
+            call.activity.end(call.session_id)
         if call.last_step:
             eng.end_session(call.session_id)
+            if call.activity is not None:
+                call.activity.forget(call.session_id)
 
 
 def _usage(last: Chunk) -> dict[str, Any]:
@@ -450,13 +486,9 @@ def _sse(events: AsyncGenerator[dict[str, Any], None], call: _Call) -> Streaming
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-async def _reap_idle(state: dict[str, Any], timeout_s: float) -> None:
+async def _reap_idle(eng: LiveEngine, activity: _Activity, timeout_s: float) -> None:
     """End sessions that have sent nothing for `timeout_s` (their KV would linger otherwise)."""
     while True:
         await asyncio.sleep(min(10.0, timeout_s / 2))
-        now = time.monotonic()
-        seen: dict[str, float] = state["last_seen"]
-        for sid, t in list(seen.items()):
-            if now - t > timeout_s:
-                del seen[sid]
-                state["engine"].end_session(sid)
+        for sid in activity.idle(timeout_s):
+            eng.end_session(sid)

@@ -280,8 +280,9 @@ def normalize_messages(messages: list[dict[str, Any]], native: bool) -> list[dic
                     msg[key] = m[key]
             out.append(msg)
             continue
-        if calls:
-            content += json.dumps([c["function"] for c in calls])
+        if calls:  # in the shape the system prompt asks the model for
+            shown = [c["function"] for c in calls]
+            content += json.dumps(shown[0] if len(shown) == 1 else shown)
         if role in ("tool", "function"):
             name = m.get("name") if isinstance(m.get("name"), str) else "the tool"
             role, content = "user", f"Result of {name}: {content}"

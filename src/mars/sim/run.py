@@ -152,6 +152,7 @@ class Simulation:
             self.bus,
             self.sessions,
             cost,
+            config.tool_cores,
         )
         self.policy = policy
         self.executor = SimExecutor(cost)

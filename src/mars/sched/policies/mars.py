@@ -20,12 +20,14 @@ departures below, and its ablations.
   distribution integral; both pin only when a warm resume pays at current pressure.)
 - Control plane: an AIMD window of admitted sessions (start 30, min 4, +1 per healthy 0.2 s
   tick, x0.7 when overloaded) with a KV-fit check at admission. Overloaded: KV usage >= 0.90
-  (clears at 0.85) or the admitted sessions' footprint (their latest contexts summed) >= the KV
-  capacity. (Departure, from the design's known hazard: KV usage alone reacts only once KV is
-  squeezed and thrashes when contexts grow; the footprint signal sees the growth coming.)
+  (clears at 0.85), or the admitted sessions' footprint (their latest contexts summed) >= the KV
+  capacity, or CPU-heavy tools in flight per tool worker >= 2 (clears at 1). (Departure, from
+  the design's known hazard: KV usage alone reacts only once KV is squeezed and thrashes when
+  contexts grow; the footprint signal sees the growth coming.)
   Waiting sessions are admitted in arrival order.
-Not yet here: the CPU-side signal (tool workers) and the opportunistic co-scheduler (prefetch in
-GPU slack).
+Not yet here: the EMA tool-queue-wait signal (the simulated CPU pool has no queue: contention
+stretches tools instead), load-balancer modes beyond arrival order, and the opportunistic
+co-scheduler (prefetch in GPU slack).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class MarsPolicy(BasePolicy):
     kv_high = 0.90
     kv_low = 0.85
     footprint_high = 1.0
+    cpu_high = 2.0  # CPU-heavy tools in flight per tool worker: overloaded at 2, clear at 1
+    cpu_low = 1.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,6 +185,18 @@ class MarsPolicy(BasePolicy):
         kv = self.ctx.kv
         return sum(s.context_tokens for s in self._active()) / (kv.num_blocks * kv.block_size)
 
+    def cpu_load(self) -> float:
+        """CPU-heavy tools in flight per tool worker (0 when the workers are unknown)."""
+        assert self.ctx is not None
+        workers = self.ctx.tool_workers
+        if not workers:
+            return 0.0
+        busy = 0
+        for s in self.ctx.sessions.values():
+            tools = s.turns[-1].tools if s.status is SessionStatus.TOOL and s.turns else []
+            busy += sum(1 for t in tools if t.cpu_heavy and t.end_time is None)
+        return busy / workers
+
     def admit(self, session: Session) -> Admission:
         if not self.admission:
             return Admission.ADMIT
@@ -203,10 +219,10 @@ class MarsPolicy(BasePolicy):
                 self.ctx.kv.unpin(sid)
         if not self.admission:
             return
-        usage, fp = self.ctx.kv.usage, self.footprint()
-        if usage >= self.kv_high or fp >= self.footprint_high:
+        usage, fp, cpu = self.ctx.kv.usage, self.footprint(), self.cpu_load()
+        if usage >= self.kv_high or fp >= self.footprint_high or cpu >= self.cpu_high:
             self._overloaded = True
-        elif usage < self.kv_low and fp < self.footprint_high:
+        elif usage < self.kv_low and fp < self.footprint_high and cpu <= self.cpu_low:
             self._overloaded = False
         if self._overloaded:
             self.window = max(float(self.window_min), self.window * self.window_dec)
