@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mars.core.errors import UsageError
-from mars.sched.registry import make_policy, policy_names
+from mars.sched.registry import check_policy, make_policy, policy_names
+from mars.server.cli import add_serve_parser, run_serve
 from mars.sim.costmodel import GPUS, MODELS
 from mars.sim.costmodel_cli import (
     add_costmodel_parser,
@@ -31,100 +32,13 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mars", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    _add_serve(sub)
+    add_serve_parser(sub)
     _add_sim(sub)
     _add_capacity(sub)
     _add_sweep(sub)
     add_costmodel_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
-
-
-def _check_policy(name: str) -> None:
-    if name not in policy_names():
-        raise UsageError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
-
-
-def _add_serve(sub: argparse._SubParsersAction[Parser]) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="OpenAI-compatible server on the embedded llama.cpp engine",
-        description=(
-            "Serve /v1/chat/completions, /v1/completions, /v1/models, /metrics, "
-            "/v1/kv_cache_stats and /health on the embedded llama.cpp engine, scheduled by mars."
-        ),
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=positive_int, default=8000)
-    p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MARS_API_KEY)")
-    p.add_argument("--model", help="GGUF model file (default: SmolLM2-135M-Instruct, bundled)")
-    p.add_argument("--kv-tokens", type=positive_int, default=16384, help="KV cache size, tokens")
-    p.add_argument(
-        "--max-sessions",
-        type=positive_int,
-        default=32,
-        help="sessions whose KV may stay in the engine at once (sequence slots)",
-    )
-    p.add_argument(
-        "--batch-tokens",
-        type=positive_int,
-        default=512,
-        help="most tokens per engine step (prefill chunk budget)",
-    )
-    p.add_argument(
-        "--host-kv-tokens",
-        type=non_negative_int,
-        default=65536,
-        help="host-memory budget for offloaded KV, tokens (0: no offloading)",
-    )
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--session-idle-timeout",
-        type=positive_float,
-        default=900.0,
-        help="end a session after this many seconds without a request",
-    )
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    _check_policy(args.policy)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import uvicorn
-
-        from mars.engine.live import LiveEngine
-        from mars.engine.llamacpp import ExecutorConfig
-        from mars.engine.model import Model, default_model_path
-        from mars.server.app import ServerConfig, create_app
-    except ImportError as e:
-        raise UsageError(f"{e.name} is not installed: run ./scripts/setup.sh") from None
-    try:
-        path = Path(args.model) if args.model else default_model_path()
-        if not path.is_file():
-            raise UsageError(f"--model {path}: no such file (give a GGUF model file)")
-        config = ExecutorConfig(args.kv_tokens, args.max_sessions, args.batch_tokens, args.threads)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-    # Load the model here, not in the app's startup, so a bad file or size is one clear error.
-    try:
-        engine = LiveEngine(Model(path), config, args.policy, args.host_kv_tokens)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise UsageError(f"{e} (check --model and --kv-tokens)") from None
-    api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
-    app = create_app(lambda: engine, ServerConfig(api_key, args.session_idle_timeout))
-    print(
-        f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
-        f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
-        flush=True,
-    )
-    # In-flight streams get 5 s to finish on Ctrl-C / SIGTERM, then they are cancelled (and
-    # aborted in the engine) so the engine shuts down instead of serving a long stream to the end.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
-    )
-    return 0
 
 
 def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> None:
@@ -245,7 +159,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     from mars.bench.sweep import SweepPlan, run_sweep
 
     for name in args.policies:
-        _check_policy(name)
+        check_policy(name)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory")
@@ -331,7 +245,7 @@ def _int_list(text: str) -> list[int]:
 def _spec(args: argparse.Namespace, **load: Any) -> Any:
     from mars.sim.experiment import SimSpec, make_cost_model
 
-    _check_policy(args.policy)
+    check_policy(args.policy)
     spec = SimSpec(
         traces=args.traces,
         policy=args.policy,

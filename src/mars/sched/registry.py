@@ -37,6 +37,12 @@ def policy_names() -> list[str]:
     return sorted({*_BUILTIN, *_registered, *_plugins()})
 
 
+def check_policy(name: str) -> None:
+    """A clear error for a name no policy has, listing the valid ones."""
+    if name not in policy_names():
+        raise UsageError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
+
+
 def make_policy(name: str, settings: Mapping[str, object] | None = None) -> Policy:
     """A fresh policy; `settings` override its parameters (`--set key=value`)."""
     if name in _registered:

@@ -10,33 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
-import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mars.engine.live import Chunk, LiveEngine
-from mars.engine.sampling import SamplingParams
+from mars.engine.live import LiveEngine
 from mars.server import toolcalls
 from mars.server.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
     _Body,
-    error_body,
     error_response,
     sampling_params,
+)
+from mars.server.responses import (
+    Activity,
+    Call,
+    chat_full,
+    chat_stream,
+    completion_full,
+    completion_stream,
+    sse,
 )
 from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
 
@@ -67,47 +71,6 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
 class ServerConfig:
     api_key: str | None = None
     idle_timeout_s: float = 900.0
-
-
-@dataclass
-class _Call:
-    """One validated request, ready for the engine."""
-
-    session_id: str
-    prompt: list[int]
-    params: SamplingParams
-    last_step: bool  # end the session after this turn
-    last_tool: str | None  # the tool the agent ran since its previous call (a marker)
-    fns: dict[str, Any]  # functions a reply may call (empty: plain text)
-    activity: _Activity | None = None  # told when the request starts and ends
-
-
-class _Activity:
-    """When each session was last active; a session with a request in flight is never idle."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, float] = {}
-        self.inflight: dict[str, int] = {}
-
-    def begin(self, sid: str) -> None:
-        self.inflight[sid] = self.inflight.get(sid, 0) + 1
-        self.last[sid] = time.monotonic()
-
-    def end(self, sid: str) -> None:
-        self.inflight[sid] -= 1
-        if not self.inflight[sid]:
-            del self.inflight[sid]
-        self.last[sid] = time.monotonic()
-
-    def forget(self, sid: str) -> None:
-        self.last.pop(sid, None)
-
-    def idle(self, timeout_s: float) -> list[str]:
-        now = time.monotonic()
-        out = [s for s, t in self.last.items() if now - t > timeout_s and s not in self.inflight]
-        for sid in out:
-            del self.last[sid]
-        return out
 
 
 class _Guard:
@@ -151,7 +114,7 @@ def _too_large(size: int) -> str:
 
 def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> FastAPI:
     state: dict[str, Any] = {}
-    activity = _Activity()
+    activity = Activity()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -249,8 +212,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
         call.activity = activity
         if body.stream:
-            return _sse(_chat_stream(eng, body, call), call)
-        return await _unless_gone(request, _chat_full(eng, call))
+            return sse(chat_stream(eng, body, call), call)
+        return await _unless_gone(request, chat_full(eng, call))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -275,8 +238,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         call = _call(eng, body, request, sid, tokens, None, None, {})
         call.activity = activity
         if body.stream:
-            return _sse(_completion_stream(eng, body, call), call)
-        return await _unless_gone(request, _completion_full(eng, call))
+            return sse(completion_stream(eng, body, call), call)
+        return await _unless_gone(request, completion_full(eng, call))
 
     return app
 
@@ -301,10 +264,10 @@ def _call(
     max_completion: int | None,
     grammar: str | None,
     fns: dict[str, Any],
-) -> _Call:
+) -> Call:
     params = sampling_params(body, len(prompt), eng.max_context, max_completion, grammar)
     _, last_tool = func_calls(body, request.headers)
-    return _Call(sid, prompt, params, is_last_step(body, request.headers), last_tool, fns)
+    return Call(sid, prompt, params, is_last_step(body, request.headers), last_tool, fns)
 
 
 async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
@@ -334,159 +297,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _generate(eng: LiveEngine, call: _Call) -> AsyncIterator[Chunk]:
-    if call.activity is not None:
-        call.activity.begin(call.session_id)
-    try:
-        async for chunk in eng.generate(
-            call.session_id, call.prompt, call.params, tool_name=call.last_tool
-        ):
-            if chunk.finish_reason == "abort":
-                raise APIError(
-                    503,
-                    "the engine aborted the request (its session was ended, or the batch "
-                    "failed); retry",
-                    code="aborted",
-                    headers={"Retry-After": "1"},
-                )
-            yield chunk
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    finally:
-        if call.activity is not None:
-            call.activity.end(call.session_id)
-        if call.last_step:
-            eng.end_session(call.session_id)
-            if call.activity is not None:
-                call.activity.forget(call.session_id)
-
-
-def _usage(last: Chunk) -> dict[str, Any]:
-    return {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
-    }
-
-
-def _finish_reason(last: Chunk, calls: list[dict[str, Any]] | None) -> str:
-    if calls:
-        return "tool_calls"
-    return "length" if last.finish_reason == "length" else "stop"
-
-
-async def _collect(eng: LiveEngine, call: _Call) -> tuple[str, Chunk]:
-    text, last = "", None
-    async for chunk in _generate(eng, call):
-        text += chunk.text
-        last = chunk
-    assert last is not None and last.finish_reason is not None
-    return text, last
-
-
-def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
-    prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
-    return {
-        "id": prefix + uuid.uuid4().hex,
-        "object": kind,
-        "created": int(time.time()),
-        "model": eng.model.name,
-    }
-
-
-async def _chat_full(eng: LiveEngine, call: _Call) -> dict[str, Any]:
-    text, last = await _collect(eng, call)
-    # A forced call cut short by max_tokens is returned as text with finish_reason "length",
-    # as OpenAI does with truncated arguments.
-    content, calls = toolcalls.parse(text, call.fns) if call.fns else (text, None)
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "logprobs": None}
-    return {
-        **_head("chat.completion", eng),
-        "session_id": call.session_id,
-        "choices": [{**choice, "finish_reason": _finish_reason(last, calls)}],
-        "usage": _usage(last),
-    }
-
-
-async def _completion_full(eng: LiveEngine, call: _Call) -> dict[str, Any]:
-    text, last = await _collect(eng, call)
-    choice = {"index": 0, "text": text, "logprobs": None}
-    return {
-        **_head("text_completion", eng),
-        "session_id": call.session_id,
-        "choices": [{**choice, "finish_reason": _finish_reason(last, None)}],
-        "usage": _usage(last),
-    }
-
-
-async def _chat_stream(
-    eng: LiveEngine, body: ChatRequest, call: _Call
-) -> AsyncGenerator[dict[str, Any], None]:
-    head = _head("chat.completion.chunk", eng)
-    first = {"role": "assistant", "content": ""}
-    yield {**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]}
-    buffered = bool(call.fns)  # a call must be whole before it can be parsed: send it at the end
-    text, last = "", None
-    async for chunk in _generate(eng, call):
-        last = chunk
-        text += chunk.text
-        if chunk.text and not buffered:
-            delta = {"content": chunk.text}
-            yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-    assert last is not None
-    content, calls = toolcalls.parse(text, call.fns) if buffered else (None, None)
-    end: dict[str, Any] = {"content": content} if content else {}
-    if calls:
-        end["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-    reason = _finish_reason(last, calls)
-    yield {**head, "choices": [{"index": 0, "delta": end, "finish_reason": reason}]}
-    if body.include_usage:
-        yield {**head, "choices": [], "usage": _usage(last)}
-
-
-async def _completion_stream(
-    eng: LiveEngine, body: CompletionRequest, call: _Call
-) -> AsyncGenerator[dict[str, Any], None]:
-    head = _head("text_completion", eng)
-    last = None
-    async for chunk in _generate(eng, call):
-        last = chunk
-        if chunk.text:
-            yield {**head, "choices": [{"index": 0, "text": chunk.text, "finish_reason": None}]}
-    assert last is not None
-    reason = _finish_reason(last, None)
-    yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}
-    if body.include_usage:
-        yield {**head, "choices": [], "usage": _usage(last)}
-
-
-def _sse(events: AsyncGenerator[dict[str, Any], None], call: _Call) -> StreamingResponse:
-    """Server-sent events ending in `data: [DONE]`; an error after the headers went out is sent
-    as an OpenAI error event."""
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n".encode()
-        except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n".encode()
-        except Exception as e:  # a bug: say so in the stream, end it cleanly
-            log.exception("stream failed")
-            err = error_body(500, f"internal error: {type(e).__name__}: {e}")
-            yield f"data: {json.dumps(err)}\n\n".encode()
-        finally:
-            await events.aclose()  # on a disconnect too: aborts the request in the engine
-        yield b"data: [DONE]\n\n"
-
-    headers = {"X-Session-ID": call.session_id, "Cache-Control": "no-cache"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-async def _reap_idle(eng: LiveEngine, activity: _Activity, timeout_s: float) -> None:
+async def _reap_idle(eng: LiveEngine, activity: Activity, timeout_s: float) -> None:
     """End sessions that have sent nothing for `timeout_s` (their KV would linger otherwise)."""
     while True:
         await asyncio.sleep(min(10.0, timeout_s / 2))

@@ -1,0 +1,96 @@
+"""`mars serve`: the command that starts the OpenAI-compatible server on the embedded engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TypeVar
+
+from mars.core.errors import UsageError
+from mars.sched.registry import check_policy
+from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
+
+P = TypeVar("P", bound=argparse.ArgumentParser)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server on the embedded llama.cpp engine",
+        description=(
+            "Serve /v1/chat/completions, /v1/completions, /v1/models, /metrics, "
+            "/v1/kv_cache_stats and /health on the embedded llama.cpp engine, scheduled by mars."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MARS_API_KEY)")
+    p.add_argument("--model", help="GGUF model file (default: SmolLM2-135M-Instruct, bundled)")
+    p.add_argument("--kv-tokens", type=positive_int, default=16384, help="KV cache size, tokens")
+    p.add_argument(
+        "--max-sessions",
+        type=positive_int,
+        default=32,
+        help="sessions whose KV may stay in the engine at once (sequence slots)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=positive_int,
+        default=512,
+        help="most tokens per engine step (prefill chunk budget)",
+    )
+    p.add_argument(
+        "--host-kv-tokens",
+        type=non_negative_int,
+        default=65536,
+        help="host-memory budget for offloaded KV, tokens (0: no offloading)",
+    )
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--session-idle-timeout",
+        type=positive_float,
+        default=900.0,
+        help="end a session after this many seconds without a request",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    check_policy(args.policy)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import uvicorn
+
+        from mars.engine.live import LiveEngine
+        from mars.engine.llamacpp import ExecutorConfig
+        from mars.engine.model import Model, default_model_path
+        from mars.server.app import ServerConfig, create_app
+    except ImportError as e:
+        raise UsageError(f"{e.name} is not installed: run ./scripts/setup.sh") from None
+    try:
+        path = Path(args.model) if args.model else default_model_path()
+        if not path.is_file():
+            raise UsageError(f"--model {path}: no such file (give a GGUF model file)")
+        config = ExecutorConfig(args.kv_tokens, args.max_sessions, args.batch_tokens, args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+    # Load the model here, not in the app's startup, so a bad file or size is one clear error.
+    try:
+        engine = LiveEngine(Model(path), config, args.policy, args.host_kv_tokens)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise UsageError(f"{e} (check --model and --kv-tokens)") from None
+    api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
+    app = create_app(lambda: engine, ServerConfig(api_key, args.session_idle_timeout))
+    print(
+        f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
+        f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
+        flush=True,
+    )
+    # In-flight streams get 5 s to finish on Ctrl-C / SIGTERM, then they are cancelled (and
+    # aborted in the engine) so the engine shuts down instead of serving a long stream to the end.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    return 0

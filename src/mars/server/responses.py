@@ -1,0 +1,214 @@
+"""Turning the engine's output into OpenAI responses: whole bodies, server-sent event streams,
+tool calls, usage. `app.py` validates and routes; this module answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from mars.engine.live import Chunk, LiveEngine
+from mars.engine.sampling import SamplingParams
+from mars.server import toolcalls
+from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_body
+
+log = logging.getLogger("mars.server")
+
+
+class Activity:
+    """When each session was last active; a session with a request in flight is never idle."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.inflight: dict[str, int] = {}
+
+    def begin(self, sid: str) -> None:
+        self.inflight[sid] = self.inflight.get(sid, 0) + 1
+        self.last[sid] = time.monotonic()
+
+    def end(self, sid: str) -> None:
+        self.inflight[sid] -= 1
+        if not self.inflight[sid]:
+            del self.inflight[sid]
+        self.last[sid] = time.monotonic()
+
+    def forget(self, sid: str) -> None:
+        self.last.pop(sid, None)
+
+    def idle(self, timeout_s: float) -> list[str]:
+        now = time.monotonic()
+        out = [s for s, t in self.last.items() if now - t > timeout_s and s not in self.inflight]
+        for sid in out:
+            del self.last[sid]
+        return out
+
+
+@dataclass
+class Call:
+    """One validated request, ready for the engine."""
+
+    session_id: str
+    prompt: list[int]
+    params: SamplingParams
+    last_step: bool  # end the session after this turn
+    last_tool: str | None  # the tool the agent ran since its previous call (a marker)
+    fns: dict[str, Any]  # functions a reply may call (empty: plain text)
+    activity: Activity | None = None  # told when the request starts and ends
+
+
+async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
+    if call.activity is not None:
+        call.activity.begin(call.session_id)
+    try:
+        async for chunk in eng.generate(
+            call.session_id, call.prompt, call.params, tool_name=call.last_tool
+        ):
+            if chunk.finish_reason == "abort":
+                raise APIError(
+                    503,
+                    "the engine aborted the request (its session was ended, or the batch "
+                    "failed); retry",
+                    code="aborted",
+                    headers={"Retry-After": "1"},
+                )
+            yield chunk
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    finally:
+        if call.activity is not None:
+            call.activity.end(call.session_id)
+        if call.last_step:
+            eng.end_session(call.session_id)
+            if call.activity is not None:
+                call.activity.forget(call.session_id)
+
+
+def _usage(last: Chunk) -> dict[str, Any]:
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
+    }
+
+
+def _finish_reason(last: Chunk, calls: list[dict[str, Any]] | None) -> str:
+    if calls:
+        return "tool_calls"
+    return "length" if last.finish_reason == "length" else "stop"
+
+
+async def _collect(eng: LiveEngine, call: Call) -> tuple[str, Chunk]:
+    text, last = "", None
+    async for chunk in _generate(eng, call):
+        text += chunk.text
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return text, last
+
+
+def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
+    prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
+    return {
+        "id": prefix + uuid.uuid4().hex,
+        "object": kind,
+        "created": int(time.time()),
+        "model": eng.model.name,
+    }
+
+
+async def chat_full(eng: LiveEngine, call: Call) -> dict[str, Any]:
+    text, last = await _collect(eng, call)
+    # A forced call cut short by max_tokens is returned as text with finish_reason "length",
+    # as OpenAI does with truncated arguments.
+    content, calls = toolcalls.parse(text, call.fns) if call.fns else (text, None)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    choice = {"index": 0, "message": message, "logprobs": None}
+    return {
+        **_head("chat.completion", eng),
+        "session_id": call.session_id,
+        "choices": [{**choice, "finish_reason": _finish_reason(last, calls)}],
+        "usage": _usage(last),
+    }
+
+
+async def completion_full(eng: LiveEngine, call: Call) -> dict[str, Any]:
+    text, last = await _collect(eng, call)
+    choice = {"index": 0, "text": text, "logprobs": None}
+    return {
+        **_head("text_completion", eng),
+        "session_id": call.session_id,
+        "choices": [{**choice, "finish_reason": _finish_reason(last, None)}],
+        "usage": _usage(last),
+    }
+
+
+async def chat_stream(
+    eng: LiveEngine, body: ChatRequest, call: Call
+) -> AsyncGenerator[dict[str, Any], None]:
+    head = _head("chat.completion.chunk", eng)
+    first = {"role": "assistant", "content": ""}
+    yield {**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]}
+    buffered = bool(call.fns)  # a call must be whole before it can be parsed: send it at the end
+    text, last = "", None
+    async for chunk in _generate(eng, call):
+        last = chunk
+        text += chunk.text
+        if chunk.text and not buffered:
+            delta = {"content": chunk.text}
+            yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    assert last is not None
+    content, calls = toolcalls.parse(text, call.fns) if buffered else (None, None)
+    end: dict[str, Any] = {"content": content} if content else {}
+    if calls:
+        end["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+    reason = _finish_reason(last, calls)
+    yield {**head, "choices": [{"index": 0, "delta": end, "finish_reason": reason}]}
+    if body.include_usage:
+        yield {**head, "choices": [], "usage": _usage(last)}
+
+
+async def completion_stream(
+    eng: LiveEngine, body: CompletionRequest, call: Call
+) -> AsyncGenerator[dict[str, Any], None]:
+    head = _head("text_completion", eng)
+    last = None
+    async for chunk in _generate(eng, call):
+        last = chunk
+        if chunk.text:
+            yield {**head, "choices": [{"index": 0, "text": chunk.text, "finish_reason": None}]}
+    assert last is not None
+    reason = _finish_reason(last, None)
+    yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}
+    if body.include_usage:
+        yield {**head, "choices": [], "usage": _usage(last)}
+
+
+def sse(events: AsyncGenerator[dict[str, Any], None], call: Call) -> StreamingResponse:
+    """Server-sent events ending in `data: [DONE]`; an error after the headers went out is sent
+    as an OpenAI error event."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n".encode()
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n".encode()
+        except Exception as e:  # a bug: say so in the stream, end it cleanly
+            log.exception("stream failed")
+            err = error_body(500, f"internal error: {type(e).__name__}: {e}")
+            yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+            await events.aclose()  # on a disconnect too: aborts the request in the engine
+        yield b"data: [DONE]\n\n"
+
+    headers = {"X-Session-ID": call.session_id, "Cache-Control": "no-cache"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
