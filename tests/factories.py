@@ -11,6 +11,7 @@ from mars.core.events import EventBus
 from mars.core.request import Request
 from mars.core.session import Session, Turn
 from mars.kv.manager import KVConfig, KVManager
+from mars.sched.plan import StepPlan, StepResult
 from mars.sched.policies.fcfs import FCFSPolicy
 from mars.sched.policy import Policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
@@ -94,3 +95,21 @@ def write_traces(path: Path, records: Sequence[dict[str, Any]]) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def clock_of(sched: Scheduler) -> SimClock:
+    assert isinstance(sched.clock, SimClock)
+    return sched.clock
+
+
+def step(sched: Scheduler, dt: float = 1.0) -> tuple[StepPlan, list[Request]]:
+    """One engine step of `dt` seconds: schedule, advance the clock, update, check the KV."""
+    plan = sched.schedule()
+    clock_of(sched).advance(dt)
+    finished = sched.update(plan, StepResult(plan.step_id, dt))
+    sched.kv.check_integrity()
+    return plan, finished
+
+
+def batch(plan: StepPlan) -> list[tuple[str, int]]:
+    return [(r.request_id, n) for r, n in zip(plan.requests, plan.num_new_tokens, strict=True)]
