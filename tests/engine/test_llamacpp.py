@@ -208,3 +208,20 @@ def test_parallel_calls_of_one_session_both_finish(model: Model) -> None:
         engine.kv.check_integrity()
     finally:
         engine.shutdown()
+
+
+def test_one_call_is_capped_at_the_trained_context(model: Model) -> None:
+    engine = make_engine(model, kv=16384)
+    try:
+        assert model.n_ctx_train == 8192
+        assert engine.max_context == 8192  # the cache is bigger, shared by all sessions
+
+        async def too_long() -> None:
+            params = SamplingParams(max_tokens=100)
+            async for _ in engine.generate("x", [1] * 8100, params):
+                pass
+
+        with pytest.raises(ValueError, match="8192"):
+            asyncio.run(too_long())
+    finally:
+        engine.shutdown()

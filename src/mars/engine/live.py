@@ -100,7 +100,12 @@ class LiveEngine:
 
     @property
     def max_context(self) -> int:
-        return int(self.executor.kv_tokens)
+        """Longest prompt + output one call may have: the KV cache (shared by all sessions), and
+        no more than the model was trained on (past it, output degrades)."""
+        trained = self.model.n_ctx_train
+        return int(
+            min(self.executor.kv_tokens, trained if trained > 0 else self.executor.kv_tokens)
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
