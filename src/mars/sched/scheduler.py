@@ -164,7 +164,7 @@ class Scheduler:
                 self.recomputed_tokens += recomputed
             if start.hit.host_tokens:
                 plan.restores.append((req, start.hit.host_tokens))
-            # Context excludes the restored tokens' recompute but the step reads them.
+            # Restored tokens count as context: the step attends over them, computes none.
             plan.add(req, start.num_new_tokens)
             budget -= start.num_new_tokens
             started.append(req)
