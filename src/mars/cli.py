@@ -157,6 +157,7 @@ def _seed_list(text: str) -> list[int]:
 def run_sweep_cmd(args: argparse.Namespace) -> int:
     from mars.bench.report import write_plots, write_report
     from mars.bench.sweep import SweepPlan, run_sweep
+    from mars.sim.experiment import load_specs
 
     for name in args.policies:
         check_policy(name)
@@ -174,7 +175,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         tuple(args.rates or ()),
         tuple(args.loads or ()),
     )
-    load_specs_check(base)
+    load_specs(base)  # a bad trace file fails before any run
     out.mkdir(parents=True, exist_ok=True)
     extra = 5 if args.loads else 0
     bar = _progress(plan.runs + extra, enabled=not args.no_progress, unit="run")
@@ -205,13 +206,6 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_specs_check(spec: Any) -> None:
-    """Read the trace file once up front so a bad file fails before any run."""
-    from mars.sim.experiment import load_specs
-
-    load_specs(spec)
-
-
 def _setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -239,7 +233,7 @@ def _settings(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
 
 
 def _int_list(text: str) -> list[int]:
-    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
+    return [positive_int(part) for part in _name_list(text)]
 
 
 def _spec(args: argparse.Namespace, **load: Any) -> Any:

@@ -15,6 +15,12 @@ from mars.bench.sweep import unstable
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def sweep(*args: str) -> subprocess.CompletedProcess[str]:
+    """`mars sweep` on the shared traces, as a user runs it."""
+    cmd = [sys.executable, "-m", "mars", "sweep", "--traces", str(TRACES), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def _result(latencies: list[float]) -> dict[str, object]:
     return {
         "per_session": [{"arrival_s": float(i), "latency_s": x} for i, x in enumerate(latencies)]
@@ -30,30 +36,18 @@ def test_unstable_when_late_arrivals_wait_much_longer() -> None:
 @pytest.mark.skipif(not TRACES.exists(), reason="needs ../shared/traces")
 def test_sweep_writes_results_report_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mars",
-            "sweep",
-            "--traces",
-            str(TRACES),
-            "--policies",
-            "fcfs,continuum",
-            "--rates",
-            "0.01,0.05",
-            "--seeds",
-            "1,2",
-            "--sessions",
-            "6",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = sweep(
+        "--policies",
+        "fcfs,continuum",
+        "--rates",
+        "0.01,0.05",
+        "--seeds",
+        "1,2",
+        "--sessions",
+        "6",
+        "--out",
+        str(out),
+        "--no-progress",
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -68,25 +62,6 @@ def test_sweep_writes_results_report_and_plots(tmp_path: Path) -> None:
 
 
 def test_sweep_rejects_an_unknown_policy(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mars",
-            "sweep",
-            "--traces",
-            str(TRACES),
-            "--policies",
-            "fcfs,nope",
-            "--rates",
-            "0.1",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = sweep("--policies", "fcfs,nope", "--rates", "0.1", "--out", str(tmp_path))
     assert proc.returncode == 2 and "unknown policy 'nope'" in proc.stderr
     assert proc.stderr.count("\n") == 1
