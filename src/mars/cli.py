@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from mars.core.errors import UsageError
 from mars.sched.registry import check_policy, make_policy, policy_names
+from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.server.cli import add_serve_parser, run_serve
 from mars.sim.costmodel import GPUS, MODELS
 from mars.sim.costmodel_cli import (
@@ -63,20 +64,7 @@ def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> N
     if single_run:
         p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        type=_setting,
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a policy parameter (repeatable)",
-    )
-    p.add_argument(
-        "--policy-config",
-        metavar="FILE",
-        help="JSON object of policy parameters (then --set on top)",
-    )
+    add_policy_settings(p)
 
 
 def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -206,32 +194,6 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setting(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
-
-
-def _settings(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    out: dict[str, str] = {}
-    if args.policy_config:
-        try:
-            data = json.loads(Path(args.policy_config).read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--policy-config {args.policy_config}: {e}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--policy-config {args.policy_config}: expected a JSON object")
-        out.update(
-            {
-                str(k): ",".join(map(str, v)) if isinstance(v, list) else str(v)
-                for k, v in data.items()
-            }
-        )
-    out.update(dict(args.settings))
-    return tuple(out.items())
-
-
 def _int_list(text: str) -> list[int]:
     return [positive_int(part) for part in _name_list(text)]
 
@@ -252,7 +214,7 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
         token_scale=args.token_scale,
         time_scale=args.time_scale,
         kv_scale=args.kv_scale,
-        policy_settings=_settings(args),
+        policy_settings=policy_settings(args),
         **load,
     )
     make_cost_model(spec)  # fail fast on a bad GPU/model or setting before reading traces

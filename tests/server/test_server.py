@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,55 +25,20 @@ openai = pytest.importorskip("openai", reason="openai is a dev dependency: pip i
 from mars.server import toolcalls  # noqa: E402
 from mars.server.protocol import APIError, ChatRequest  # noqa: E402
 from mars.server.sessions import chat_opening, is_last_step, session_of  # noqa: E402
+from serving import KV_TOKENS, serve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-key"
-KV_TOKENS = 8192
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    port = _port()
-    full_env = {k: v for k, v in os.environ.items() if k != "MARS_API_KEY"}
-    full_env.update(env or {})
-    cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port)]
-    cmd += ["--kv-tokens", str(KV_TOKENS), "--threads", "2", *extra]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                raise AssertionError(f"mars serve exited with {proc.returncode}: {out}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mars serve did not become healthy in 60 s"
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    yield from _serve()
+    yield from serve()
 
 
 @pytest.fixture(scope="module")
 def keyed_server() -> Iterator[str]:
-    yield from _serve(env={"MARS_API_KEY": KEY})
+    yield from serve(env={"MARS_API_KEY": KEY})
 
 
 @pytest.fixture()
@@ -508,7 +469,7 @@ def test_api_key(keyed_server: str) -> None:
 
 @pytest.fixture(scope="module")
 def short_idle_server() -> Iterator[str]:
-    yield from _serve("--session-idle-timeout", "1")
+    yield from serve("--session-idle-timeout", "1")
 
 
 def test_idle_sessions_end(short_idle_server: str) -> None:

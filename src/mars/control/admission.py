@@ -29,6 +29,20 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self._queued)
 
+    def __contains__(self, session_id: object) -> bool:
+        return any(s.session_id == session_id for s in self._queued)
+
+    @property
+    def queued(self) -> list[Session]:
+        return list(self._queued)
+
+    def remove(self, session_id: str) -> Session | None:
+        """Take a session out of the queue (its client left, or it waited too long)."""
+        for i, session in enumerate(self._queued):
+            if session.session_id == session_id:
+                return self._queued.pop(i)
+        return None
+
     def add(self, session: Session) -> None:
         session.status = SessionStatus.QUEUED
         self._queued.append(session)

@@ -10,12 +10,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mars.control.admission import AdmissionQueue
 from mars.core.clock import WallClock
-from mars.core.events import EventBus, ToolEnd
+from mars.core.events import (
+    Event,
+    EventBus,
+    SessionArrived,
+    SessionDone,
+    ToolEnd,
+    ToolEnqueued,
+    ToolStart,
+)
 from mars.core.request import Request, RequestStatus
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor, StepFailed
@@ -34,13 +43,38 @@ class Chunk:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "queue_full" | "queue_timeout"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
 
 
 _ABORTED = Chunk("", [], "abort")
+_QUEUE_FULL = Chunk("", [], "queue_full")
+_QUEUE_TIMEOUT = Chunk("", [], "queue_timeout")
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Bounds of the live control plane's queue of sessions waiting for admission."""
+
+    max_queued: int = 256  # sessions waiting at once; a new session beyond it gets 429
+    queue_timeout_s: float = 300.0  # a session that waited longer is turned away with 503
+    retry_after_s: int = 5  # what the answer's Retry-After header says
+
+    def __post_init__(self) -> None:
+        if self.max_queued < 0 or self.queue_timeout_s <= 0 or self.retry_after_s < 1:
+            raise ValueError(
+                "admission limits: max_queued >= 0, queue_timeout_s > 0, retry_after_s >= 1"
+            )
+
+
+class Overloaded(Exception):
+    """The control plane turned a request away: retry after `retry_after_s` seconds."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
 
 
 @dataclass
@@ -55,6 +89,18 @@ class _Stream:
     done: bool = False
 
 
+@dataclass
+class _Pending:
+    """A call that reached the engine thread; held there while its session awaits admission."""
+
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    stream: _Stream
+    arrival: float
+    tool_name: str | None
+
+
 class LiveEngine:
     def __init__(
         self,
@@ -63,6 +109,9 @@ class LiveEngine:
         policy: str = "fcfs",
         host_kv_tokens: int = 0,
         bus: EventBus | None = None,
+        limits: AdmissionLimits | None = None,
+        tool_workers: int | None = None,
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         self.model = model
         self.clock = WallClock()
@@ -78,12 +127,19 @@ class LiveEngine:
         self.sessions: dict[str, Session] = {}
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.batch_tokens, cfg.max_sequences),
-            make_policy(policy),
+            make_policy(policy, settings),
             self.kv,
             self.clock,
             self.bus,
             self.sessions,
+            tool_workers=tool_workers,
         )
+        self.limits = limits or AdmissionLimits()
+        # The control plane: a new session's calls wait here (held) until the policy admits it.
+        self.admission = AdmissionQueue(self.scheduler.policy, self.clock, self.bus, self._admitted)
+        self._held: dict[str, list[_Pending]] = {}
+        # Told of every session that ends (its past whole), e.g. the trace recorder.
+        self.session_end_hooks: list[Callable[[Session], None]] = []
         self.policy_name = policy
         self.core = EngineCore(self.scheduler, self.executor)
         self._streams: dict[str, _Stream] = {}
@@ -117,6 +173,8 @@ class LiveEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        for sid in [s for s in self.sessions if "#" not in s]:
+            self._end_session(sid)  # the engine thread is gone: end what is open (hooks too)
         self.executor.close()
 
     def _post(self, fn: Callable[[], None]) -> None:
@@ -141,17 +199,23 @@ class LiveEngine:
                 f"context of {self.max_context} tokens"
             )
         self.executor.check(params)
+        self.check_queue(session_id)
         rid = f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk] = asyncio.Queue()
         arrival = self.clock.now()
-        self._post(
-            lambda: self._admit(session_id, rid, prompt, params, loop, queue, arrival, tool_name)
-        )
+        # The stream's request is a placeholder until the engine thread builds the real one.
+        placeholder = Request(rid, session_id, len(prompt), params.max_tokens, 0, arrival)
+        stream = _Stream(placeholder, params, loop, queue, Detokenizer(self.model))
+        pending = _Pending(rid, prompt, params, stream, arrival, tool_name)
+        self._post(lambda: self._arrive(session_id, pending))
         finished = False
         try:
             while True:
                 chunk = await queue.get()
+                if chunk.finish_reason in ("queue_full", "queue_timeout"):
+                    finished = True
+                    raise self._overloaded(chunk.finish_reason)
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = True
@@ -160,8 +224,35 @@ class LiveEngine:
             if not finished:
                 self._post(lambda: self._abort(rid))
 
+    def check_queue(self, session_id: str) -> None:
+        """Raise `Overloaded` (429) if a call of this session would find the admission queue
+        full; so a stream can be refused before its headers go out. The engine thread checks
+        again, exactly."""
+        if session_id not in self.sessions and len(self.admission) >= self.limits.max_queued:
+            raise self._overloaded("queue_full")
+
+    def _overloaded(self, reason: str) -> Overloaded:
+        retry = self.limits.retry_after_s
+        if reason == "queue_full":
+            return Overloaded(
+                429,
+                f"{self.limits.max_queued} sessions already wait for admission; retry in {retry} s",
+                retry,
+            )
+        return Overloaded(
+            503,
+            f"the session waited {self.limits.queue_timeout_s:g} s without being admitted "
+            f"(the server is at capacity); retry in {retry} s",
+            retry,
+        )
+
     def end_session(self, session_id: str) -> None:
         self._post(lambda: self._end_session(session_id))
+
+    def tool_event(self, event: Event) -> None:
+        """A tool run's event (from any thread): recorded in its session and published on the
+        engine's bus, in order with the engine's own events."""
+        self._post(lambda: self._tool_event(event))
 
     def stats(self) -> dict[str, Any]:
         kv = self.kv.stats()
@@ -172,6 +263,8 @@ class LiveEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "sessions": len(self.sessions),
+            "admission_queued": len(self.admission),
+            "admission_window": _window(self.scheduler.policy),
             "prefix_hit_tokens": kv.hit_tokens,
             "prompt_tokens": self.scheduler.prompt_tokens,
             "recomputed_tokens": self.scheduler.recomputed_tokens,
@@ -188,17 +281,48 @@ class LiveEngine:
         }
 
     # ---- engine thread ------------------------------------------------------------------------
-    def _admit(
-        self,
-        session_id: str,
-        rid: str,
-        prompt: list[int],
-        params: SamplingParams,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[Chunk],
-        arrival: float,
-        tool_name: str | None,
-    ) -> None:
+    def _arrive(self, session_id: str, call: _Pending) -> None:
+        session = self.sessions.get(session_id)
+        if session is None:  # a new session: it waits in the control plane until admitted
+            if len(self.admission) >= self.limits.max_queued:
+                self._send(call.stream, _QUEUE_FULL)
+                return
+            session = Session(session_id, call.arrival, first_prompt_tokens=len(call.prompt))
+            self.sessions[session_id] = session
+            self._held[session_id] = [call]
+            self._streams[call.rid] = call.stream
+            self.bus.publish(SessionArrived(call.arrival, session_id))
+            self.admission.add(session)  # calls _admitted at once when the policy admits
+        elif session.status is SessionStatus.QUEUED:
+            self._held[session_id].append(call)
+            self._streams[call.rid] = call.stream
+        else:
+            self._start(session_id, call)
+
+    def _admitted(self, session: Session) -> None:
+        session.status = SessionStatus.LLM
+        for call in self._held.pop(session.session_id, []):
+            self._start(session.session_id, call)
+
+    def _expire_queued(self) -> None:
+        """Turn away sessions that waited for admission past the deadline."""
+        deadline = self.clock.now() - self.limits.queue_timeout_s
+        for session in self.admission.queued:
+            if session.arrival_time <= deadline:
+                self._drop_queued(session.session_id, _QUEUE_TIMEOUT)
+
+    def _drop_queued(self, session_id: str, chunk: Chunk) -> None:
+        self.admission.remove(session_id)
+        session = self.sessions.pop(session_id, None)
+        for call in self._held.pop(session_id, []):
+            if self._streams.pop(call.rid, None) is not None:
+                self._send(call.stream, chunk)
+        if session is not None:
+            session.status = SessionStatus.REJECTED
+            now = self.clock.now()
+            self.bus.publish(SessionDone(now, session_id, now - session.arrival_time, True))
+
+    def _start(self, session_id: str, call: _Pending) -> None:
         session = self.sessions.get(session_id)
         while (
             session is not None
@@ -209,46 +333,73 @@ class LiveEngine:
             # share a fingerprint) is its own sub-session: both run, each with its own KV.
             session_id = _sibling(session_id)
             session = self.sessions.get(session_id)
-        if session is None:
-            session = Session(session_id, arrival, status=SessionStatus.LLM)
+        if session is None:  # a sub-session: admitted with its parent
+            session = Session(session_id, call.arrival, status=SessionStatus.LLM)
             session.admitted_time = session.arrival_time
             self.sessions[session_id] = session
         prev = self._last_seq.get(session_id, [])
-        reuse = _common_prefix(prev, prompt)
+        reuse = _common_prefix(prev, call.prompt)
         req = Request(
-            rid,
+            call.rid,
             session_id,
-            len(prompt),
-            params.max_tokens,
+            len(call.prompt),
+            call.params.max_tokens,
             reuse,
-            arrival,
+            call.arrival,
             len(session.turns),
         )
+        stream = call.stream
+        stream.req = req
         try:
-            self.executor.add(req, prompt, params)
+            self.executor.add(req, call.prompt, call.params)
         except Exception:  # checked in generate(); never let one request stop the engine
+            self._streams.pop(call.rid, None)
             if not session.turns:
                 del self.sessions[session_id]
-            self._send(_Stream(req, params, loop, queue, Detokenizer(self.model)), _ABORTED)
+            self._send(stream, _ABORTED)
             return
-        last = session.turns[-1].request if session.turns else None
-        if last is not None and last.finish_time is not None:
+        last = session.turns[-1] if session.turns else None
+        if last is not None and last.request.finish_time is not None and not last.tools:
             # Every answer opened a tool phase (the agent ran something or thought); this call
-            # closes it. Its category is the marker's tool name when the agent sends one.
-            phase = ToolCall(tool_name or "unknown", False, last.finish_time, arrival)
-            session.turns[-1].tools.append(phase)
+            # closes it. Tools run through the tools API are recorded as they run; otherwise
+            # the phase is inferred, its category the marker's tool name when the agent sends
+            # one.
+            finished = last.request.finish_time
+            phase = ToolCall(call.tool_name or "unknown", False, finished, call.arrival)
+            last.tools.append(phase)
             self.bus.publish(
-                ToolEnd(arrival, session_id, phase.category, arrival - last.finish_time, 0.0)
+                ToolEnd(call.arrival, session_id, phase.category, call.arrival - finished, 0.0)
             )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
-        self._streams[rid] = _Stream(req, params, loop, queue, Detokenizer(self.model))
+        self._streams[call.rid] = stream
         self.scheduler.add_request(req)
+
+    def _tool_event(self, event: Event) -> None:
+        session = self.sessions.get(event.session_id)
+        turn = session.turns[-1] if session is not None and session.turns else None
+        if turn is not None and turn.request.is_finished:
+            if isinstance(event, ToolStart):
+                turn.tools.append(ToolCall(event.category, True, event.time))
+            elif isinstance(event, ToolEnd):
+                for call in reversed(turn.tools):
+                    if call.category == event.category and call.end_time is None:
+                        call.end_time, call.queue_wait_s = event.time, event.queue_wait_s
+                        break
+        if isinstance(event, ToolEnqueued | ToolStart | ToolEnd):
+            self.bus.publish(event)
 
     def _abort(self, rid: str) -> None:
         self.scheduler.abort(rid)
         stream = self._streams.pop(rid, None)
         self.executor.release(rid)
+        for sid, calls in list(self._held.items()):  # a client that left while queued
+            left = [c for c in calls if c.rid != rid]
+            if len(left) < len(calls):
+                if left:
+                    self._held[sid] = left
+                else:
+                    self._drop_queued(sid, _ABORTED)
         if stream is not None and not stream.done:
             stream.done = True
             r = stream.req
@@ -266,6 +417,9 @@ class LiveEngine:
 
     def _end_session(self, session_id: str) -> None:
         """End a session and the sub-sessions its parallel calls opened."""
+        if session_id in self.admission:
+            self._drop_queued(session_id, _ABORTED)
+        now = self.clock.now()
         for sid in [k for k in self.sessions if k == session_id or k.startswith(session_id + "#")]:
             session = self.sessions.pop(sid)
             for turn in session.turns:
@@ -273,6 +427,12 @@ class LiveEngine:
                     self._abort(turn.request.request_id)
             self.kv.end_session(sid)
             self._last_seq.pop(sid, None)
+            session.status, session.done_time = SessionStatus.DONE, now
+            self.bus.publish(SessionDone(now, sid, now - session.arrival_time))
+            for hook in self.session_end_hooks:
+                hook(session)
+        if len(self.admission):
+            self.admission.poll()
 
     def _run(self) -> None:
         policy = self.scheduler.policy
@@ -287,6 +447,10 @@ class LiveEngine:
                 if policy.tick_s is not None and self.clock.now() >= next_tick:
                     policy.on_tick()  # TTL expiries, aging: between steps, as in the simulator
                     next_tick = self.clock.now() + policy.tick_s
+                    if len(self.admission):
+                        self.admission.poll()
+                if len(self.admission):
+                    self._expire_queued()
                 if not self.scheduler.has_work:
                     self._wake.wait(0.5 if policy.tick_s is None else policy.tick_s)
                     continue
@@ -312,6 +476,8 @@ class LiveEngine:
             return
         for req in outcome.finished:
             self._finish(req)
+        if outcome.finished and len(self.admission):
+            self.admission.poll()  # KV was freed: a queued session may fit now
 
     def _stops(self, plan: StepPlan, result: StepResult) -> frozenset[str]:
         stopped: set[str] = set()
@@ -408,3 +574,9 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
                 best = max(best, k)
                 break
     return best
+
+
+def _window(policy: object) -> int | None:
+    """The policy's admission window, if it keeps one (AIMD)."""
+    window = getattr(policy, "window", None)
+    return int(window) if isinstance(window, int | float) else None

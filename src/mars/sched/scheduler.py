@@ -79,7 +79,7 @@ class Scheduler:
         if self.bus.wants(RequestEmit):
             self.bus.publish(
                 RequestEmit(
-                    req.arrival_time,
+                    self.clock.now(),
                     req.session_id,
                     req.request_id,
                     req.num_prompt_tokens,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,12 +20,13 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mars.engine.live import LiveEngine
+from mars.engine.live import LiveEngine, Overloaded
 from mars.server import toolcalls
+from mars.server.eventstream import EventStream
 from mars.server.protocol import (
     APIError,
     ChatRequest,
@@ -33,6 +35,7 @@ from mars.server.protocol import (
     error_response,
     sampling_params,
 )
+from mars.server.recorder import TraceRecorder
 from mars.server.responses import (
     Activity,
     Call,
@@ -40,6 +43,8 @@ from mars.server.responses import (
     chat_stream,
     completion_full,
     completion_stream,
+    keepalive,
+    overloaded,
     sse,
 )
 from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
@@ -71,6 +76,9 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
 class ServerConfig:
     api_key: str | None = None
     idle_timeout_s: float = 900.0
+    keepalive_s: float = 10.0  # SSE comment interval while a stream has nothing to send
+    events: EventStream | None = None  # the event stream (a JSONL file with --events)
+    recorder: TraceRecorder | None = None  # --record-trace
 
 
 class _Guard:
@@ -115,10 +123,14 @@ def _too_large(size: int) -> str:
 def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> FastAPI:
     state: dict[str, Any] = {}
     activity = Activity()
+    events = config.events or EventStream()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = await asyncio.to_thread(make_engine)
+        eng.bus.subscribe_all(events)
+        if config.recorder is not None:
+            eng.session_end_hooks.append(config.recorder)
         eng.start()
         state["engine"] = eng
         reaper = asyncio.create_task(_reap_idle(eng, activity, config.idle_timeout_s))
@@ -127,6 +139,9 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         finally:
             reaper.cancel()
             await asyncio.to_thread(eng.shutdown)
+            events.close()
+            if config.recorder is not None:
+                config.recorder.close()
 
     app = FastAPI(title="mars", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=config.api_key)
@@ -192,7 +207,28 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
             if isinstance(value, int | float):
                 kind = "counter" if key in _COUNTERS else "gauge"
                 lines += [f"# TYPE mars_{key} {kind}", f"mars_{key} {value}"]
+        lines += events.prometheus()
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/events")
+    async def event_stream(session_id: str | None = None) -> StreamingResponse:
+        """Server-sent events: every event from now on (one session's with ?session_id=)."""
+        engine()
+        sub = events.subscribe(session_id)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for record in keepalive(sub.records(), config.keepalive_s):
+                    if record is None:
+                        yield b": keep-alive\n\n"
+                    else:
+                        yield f"data: {json.dumps(record)}\n\n".encode()
+            finally:
+                events.unsubscribe(sub)
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: str) -> dict[str, Any]:
@@ -212,7 +248,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
         call.activity = activity
         if body.stream:
-            return sse(chat_stream(eng, body, call), call)
+            _check_queue(eng, sid)
+            return sse(chat_stream(eng, body, call), call, config.keepalive_s)
         return await _unless_gone(request, chat_full(eng, call))
 
     @app.post("/v1/completions", response_model=None)
@@ -238,10 +275,19 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         call = _call(eng, body, request, sid, tokens, None, None, {})
         call.activity = activity
         if body.stream:
-            return sse(completion_stream(eng, body, call), call)
+            _check_queue(eng, sid)
+            return sse(completion_stream(eng, body, call), call, config.keepalive_s)
         return await _unless_gone(request, completion_full(eng, call))
 
     return app
+
+
+def _check_queue(eng: LiveEngine, sid: str) -> None:
+    """A stream's status goes out with its headers: refuse it with 429 before, when it can."""
+    try:
+        eng.check_queue(sid)
+    except Overloaded as e:
+        raise overloaded(e) from None
 
 
 def _check_model(eng: LiveEngine, name: str | None) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from mars.core.errors import UsageError
-from mars.sched.registry import check_policy
+from mars.sched.registry import make_policy
+from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
 
 P = TypeVar("P", bound=argparse.ArgumentParser)
@@ -26,6 +27,7 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
+    add_policy_settings(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MARS_API_KEY)")
     p.add_argument("--model", help="GGUF model file (default: SmolLM2-135M-Instruct, bundled)")
     p.add_argument("--kv-tokens", type=positive_int, default=16384, help="KV cache size, tokens")
@@ -49,6 +51,30 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
     )
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
     p.add_argument(
+        "--max-queued",
+        type=non_negative_int,
+        default=256,
+        help="sessions that may wait for admission at once; more are refused with 429",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds a session may wait for admission before it is refused with 503",
+    )
+    p.add_argument(
+        "--sse-keepalive",
+        type=positive_float,
+        default=10.0,
+        help="seconds between SSE keep-alive comments while a stream waits",
+    )
+    p.add_argument("--events", type=Path, help="append every event as a JSON line to FILE")
+    p.add_argument(
+        "--record-trace",
+        type=Path,
+        help="append each ended session to FILE in the trace format (replayable in `mars sim`)",
+    )
+    p.add_argument(
         "--session-idle-timeout",
         type=positive_float,
         default=900.0,
@@ -57,15 +83,18 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    check_policy(args.policy)
+    settings = dict(policy_settings(args))
+    make_policy(args.policy, settings)  # a bad name or parameter: one clear error, now
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import uvicorn
 
-        from mars.engine.live import LiveEngine
+        from mars.engine.live import AdmissionLimits, LiveEngine
         from mars.engine.llamacpp import ExecutorConfig
         from mars.engine.model import Model, default_model_path
         from mars.server.app import ServerConfig, create_app
+        from mars.server.eventstream import EventStream
+        from mars.server.recorder import TraceRecorder
     except ImportError as e:
         raise UsageError(f"{e.name} is not installed: run ./scripts/setup.sh") from None
     try:
@@ -76,13 +105,22 @@ def run_serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
+    try:
+        events = EventStream(args.events)
+        recorder = TraceRecorder(args.record_trace, path.name) if args.record_trace else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    limits = AdmissionLimits(args.max_queued, args.queue_timeout)
     # Load the model here, not in the app's startup, so a bad file or size is one clear error.
     try:
-        engine = LiveEngine(Model(path), config, args.policy, args.host_kv_tokens)
+        engine = LiveEngine(
+            Model(path), config, args.policy, args.host_kv_tokens, limits=limits, settings=settings
+        )
     except (ValueError, RuntimeError, OSError) as e:
         raise UsageError(f"{e} (check --model and --kv-tokens)") from None
     api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
-    app = create_app(lambda: engine, ServerConfig(api_key, args.session_idle_timeout))
+    server = ServerConfig(api_key, args.session_idle_timeout, args.sse_keepalive, events, recorder)
+    app = create_app(lambda: engine, server)
     print(
         f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
         f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",

@@ -3,17 +3,19 @@ tool calls, usage. `app.py` validates and routes; this module answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from mars.engine.live import Chunk, LiveEngine
+from mars.engine.live import Chunk, LiveEngine, Overloaded
 from mars.engine.sampling import SamplingParams
 from mars.server import toolcalls
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_body
@@ -80,6 +82,8 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
             yield chunk
     except ValueError as e:
         raise APIError(400, str(e)) from None
+    except Overloaded as e:
+        raise overloaded(e) from None
     finally:
         if call.activity is not None:
             call.activity.end(call.session_id)
@@ -87,6 +91,11 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
             eng.end_session(call.session_id)
             if call.activity is not None:
                 call.activity.forget(call.session_id)
+
+
+def overloaded(e: Overloaded) -> APIError:
+    code = "queue_full" if e.status == 429 else "admission_timeout"
+    return APIError(e.status, e.message, code=code, headers={"Retry-After": str(e.retry_after_s)})
 
 
 def _usage(last: Chunk) -> dict[str, Any]:
@@ -192,14 +201,20 @@ async def completion_stream(
         yield {**head, "choices": [], "usage": _usage(last)}
 
 
-def sse(events: AsyncGenerator[dict[str, Any], None], call: Call) -> StreamingResponse:
+def sse(
+    events: AsyncGenerator[dict[str, Any], None], call: Call, keepalive_s: float = 10.0
+) -> StreamingResponse:
     """Server-sent events ending in `data: [DONE]`; an error after the headers went out is sent
-    as an OpenAI error event."""
+    as an OpenAI error event. While nothing comes (a session waiting for admission, a long
+    prefill), a comment line every `keepalive_s` keeps proxies and clients from timing out."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n".encode()
+            async for event in keepalive(events, keepalive_s):
+                if event is None:
+                    yield b": keep-alive\n\n"
+                else:
+                    yield f"data: {json.dumps(event)}\n\n".encode()
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n".encode()
         except Exception as e:  # a bug: say so in the stream, end it cleanly
@@ -212,3 +227,26 @@ def sse(events: AsyncGenerator[dict[str, Any], None], call: Call) -> StreamingRe
 
     headers = {"X-Session-ID": call.session_id, "Cache-Control": "no-cache"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def keepalive(
+    items: AsyncIterator[dict[str, Any]], every_s: float
+) -> AsyncIterator[dict[str, Any] | None]:
+    """`items`, with a None whenever `every_s` pass without one."""
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(anext(items))
+            while not (await asyncio.wait({pending}, timeout=every_s))[0]:
+                yield None
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the consumer left: cancel the wait (the request is aborted)
+            with suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending

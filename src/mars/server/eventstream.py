@@ -1,0 +1,103 @@
+"""The unified event stream, served: every engine, control-plane and tool event (DESIGN.md section
+2) as JSON lines in a file (`--events FILE`), as server-sent events (`/v1/events`), and as
+per-kind Prometheus counters (`mars_events_total`).
+
+`EventStream` is subscribed to the engine's bus, so it sees events in the order the engine thread
+published them; it hands each one to asyncio subscribers through their loops. A slow subscriber
+loses its oldest events (and is told how many), never the engine's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from pathlib import Path
+from typing import IO, Any
+
+from mars.core.events import Event
+
+SUBSCRIBER_BUFFER = 10_000  # events a subscriber may fall behind before it loses the oldest
+
+
+class Subscriber:
+    """One `/v1/events` client: a bounded queue on the client's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, session_id: str | None) -> None:
+        self.loop, self.session_id = loop, session_id
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.dropped = 0
+
+    def offer(self, record: dict[str, Any]) -> None:  # any thread
+        if self.session_id is not None and record["session_id"] != self.session_id:
+            return
+        with suppress(RuntimeError):  # the client's loop is closed
+            self.loop.call_soon_threadsafe(self._put, record)
+
+    def _put(self, record: dict[str, Any]) -> None:
+        if self.queue.qsize() >= SUBSCRIBER_BUFFER:
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(record)
+
+    async def records(self) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            record = await self.queue.get()
+            if self.dropped:
+                yield {"event": "dropped", "count": self.dropped}
+                self.dropped = 0
+            yield record
+
+
+class EventStream:
+    """Bus handler fanning events out to a JSONL file, SSE subscribers and counters."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._file: IO[str] | None = None
+        if path is not None:
+            try:
+                self._file = path.open("a", encoding="utf-8", buffering=1)
+            except OSError as e:
+                raise ValueError(f"--events {path}: cannot write ({e.strerror})") from None
+        self._subscribers: set[Subscriber] = set()
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, event: Event) -> None:
+        record = {**event.to_json(), "ts": round(time.time(), 6)}
+        self.counts[event.kind] += 1
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for sub in subscribers:
+            sub.offer(record)
+
+    def subscribe(self, session_id: str | None = None) -> Subscriber:
+        sub = Subscriber(asyncio.get_running_loop(), session_id)
+        with self._lock:
+            self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def prometheus(self) -> list[str]:
+        lines = ["# TYPE mars_events_total counter"]
+        for kind, n in sorted(self.counts.items()):
+            lines.append(f'mars_events_total{{event="{kind}"}} {n}')
+        return lines
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
