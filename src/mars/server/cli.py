@@ -11,6 +11,7 @@ from mars.core.errors import UsageError
 from mars.sched.registry import make_policy
 from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
+from mars.tools.cpus import parse_cpu_list
 
 P = TypeVar("P", bound=argparse.ArgumentParser)
 
@@ -49,7 +50,16 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
         default=65536,
         help="host-memory budget for offloaded KV, tokens (0: no offloading)",
     )
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="llama.cpp threads (default: one per engine CPU)",
+    )
+    p.add_argument(
+        "--engine-cpus",
+        metavar="LIST",
+        help="pin the engine to these CPUs, e.g. 0 or 0-3 (tools go on --tool-cpus)",
+    )
     p.add_argument(
         "--max-queued",
         type=non_negative_int,
@@ -84,6 +94,10 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = dict(policy_settings(args))
+    if args.engine_cpus:
+        # Set before any thread starts: llama.cpp's and uvicorn's threads inherit it.
+        os.sched_setaffinity(0, parse_cpu_list(args.engine_cpus))
+    threads = args.threads or len(os.sched_getaffinity(0))
     make_policy(args.policy, settings)  # a bad name or parameter: one clear error, now
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -101,7 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
         path = Path(args.model) if args.model else default_model_path()
         if not path.is_file():
             raise UsageError(f"--model {path}: no such file (give a GGUF model file)")
-        config = ExecutorConfig(args.kv_tokens, args.max_sessions, args.batch_tokens, args.threads)
+        config = ExecutorConfig(args.kv_tokens, args.max_sessions, args.batch_tokens, threads)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
 
