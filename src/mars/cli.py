@@ -1,4 +1,5 @@
-"""The `mars` command line: `mars serve`, `sim`, `capacity`, `sweep`, `costmodel`, `policies`."""
+"""The `mars` command line: `mars serve`, `sim`, `capacity`, `sweep`, `bench`, `costmodel`,
+`policies`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mars.bench.live_cli import add_bench_parser, run_bench
 from mars.core.errors import UsageError
 from mars.sched.registry import check_policy, make_policy, policy_names
 from mars.sched.settings_args import add_policy_settings, policy_settings
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_capacity(sub)
     _add_sweep(sub)
+    add_bench_parser(sub)
     add_costmodel_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "sweep":
             return run_sweep_cmd(args)
+        if args.command == "bench":
+            return run_bench(args)
         if args.command == "capacity":
             return run_capacity(args)
         if args.command == "costmodel":

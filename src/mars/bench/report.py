@@ -16,7 +16,43 @@ GOODPUT_TARGET = 0.9  # goodput capacity: the highest rate with >= 90% of sessio
 
 
 def _x(r: dict[str, Any]) -> float:
-    return float(r["load"] if r["load"] is not None else r["rate"])
+    """The swept value: a load, else a rate, else (closed loop, `mars bench`) a concurrency."""
+    for key in ("load", "rate", "concurrency"):
+        if r.get(key) is not None:
+            return float(r[key])
+    raise ValueError("a result without load, rate or concurrency")
+
+
+def _xname(results: Sequence[dict[str, Any]]) -> str:
+    if not results or results[0].get("load") is not None:
+        return "load (x fcfs capacity)"
+    return "rate /s" if results[0].get("rate") is not None else "concurrency"
+
+
+def _rate(r: dict[str, Any]) -> str:
+    return "-" if r.get("rate") is None else f"{r['rate']:.4f}"
+
+
+def _setup(results: Sequence[dict[str, Any]]) -> str:
+    """One sentence on what ran."""
+    w = results[0]["workload"] if results else {}
+    seeds = sorted({r["workload"]["seed"] for r in results})
+    if results and results[0]["executor"] == "llamacpp":
+        arrivals = "open-loop Poisson arrivals" if w.get("rate") else "closed loop"
+        return (
+            f"Live `mars serve` (llama.cpp, {w.get('model')}, {w.get('kv_tokens')} KV tokens), "
+            f"traces `{w.get('traces')}`, {w.get('sessions_in_workload')} sessions per run, "
+            f"token scale {w.get('token_scale')}, time scale {w.get('time_scale')}, tools "
+            f"{'through the tools API' if w.get('tools') == 'api' else 'waited in the client'} "
+            f"on {w.get('tool_cores')} cores, seeds {seeds}; {arrivals}. Ideal times: idle-server "
+            "probe + nominal tool times. Values are means over seeds (± standard deviation)."
+        )
+    return (
+        f"Traces `{w.get('traces')}`, {w.get('sessions_in_workload')} sessions per run, "
+        f"{w.get('gpu')} / {w.get('model')}, KV scale {w.get('kv_scale')}, "
+        f"{w.get('tool_cores')} tool cores, seeds {seeds}; open-loop Poisson arrivals. "
+        "Values are means over seeds (± standard deviation)."
+    )
 
 
 def _groups(results: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
@@ -50,16 +86,10 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
     groups = _groups(results)
     policies = list(dict.fromkeys(r["policy"] for r in results))
     xs = sorted({_x(r) for r in results})
-    xname = "load (x fcfs capacity)" if results and results[0]["load"] is not None else "rate /s"
-    w = results[0]["workload"] if results else {}
-    lines = ["# mars sweep", ""]
-    lines.append(
-        f"Traces `{w.get('traces')}`, {w.get('sessions_in_workload')} sessions per run, "
-        f"{w.get('gpu')} / {w.get('model')}, KV scale {w.get('kv_scale')}, "
-        f"{w.get('tool_cores')} tool cores, seeds "
-        f"{sorted({r['workload']['seed'] for r in results})}; open-loop Poisson arrivals. "
-        "Values are means over seeds (± standard deviation)."
-    )
+    xname = _xname(results)
+    live = bool(results) and results[0]["executor"] == "llamacpp"
+    lines = ["# mars bench" if live else "# mars sweep", ""]
+    lines.append(_setup(results))
     if sweep.capacity is not None and sweep.capacity_per_s is not None:
         lines += [
             "",
@@ -83,7 +113,7 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
             if not g:
                 continue
             lines.append(
-                f"| {p} | {x:g} | {g[0]['rate']:.4f} "
+                f"| {p} | {x:g} | {_rate(g[0])} "
                 f"| {_ms([_get('latency_s.mean')(r) for r in g])} "
                 f"| {_ms([_get('latency_s.p95')(r) for r in g])} "
                 f"| {_ms([_get('slowdown.mean')(r) for r in g])} "
@@ -151,6 +181,7 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
             groups[(p, x)][0]["rate"]
             for x in xs
             if (p, x) in groups
+            and groups[(p, x)][0].get("rate") is not None
             and statistics.fmean(_get("goodput.fraction")(r) for r in groups[(p, x)])
             >= GOODPUT_TARGET
         ]
@@ -177,7 +208,7 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
     groups = _groups(results)
     policies = list(dict.fromkeys(r["policy"] for r in results))
     xs = sorted({_x(r) for r in results})
-    xname = "load (x fcfs capacity)" if results and results[0]["load"] is not None else "rate /s"
+    xname = _xname(results)
     paths = []
 
     def series(p: str, key: str) -> list[float]:
@@ -218,7 +249,7 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
         if g and g[0].get("kv_usage_over_time"):
             t, u = zip(*g[0]["kv_usage_over_time"], strict=True)
             ax.plot(t, u, label=p, linewidth=0.8)
-    ax.set_xlabel("simulated seconds (highest load, first seed)")
+    ax.set_xlabel("seconds, simulated or live (highest load, first seed)")
     ax.set_ylabel("KV blocks held (fraction)")
     ax.grid(alpha=0.3)
     ax.legend()
