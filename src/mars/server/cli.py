@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mars.core.errors import UsageError
+from mars.gateway.cli import add_gateway_args, run_gateway_cli
 from mars.sched.registry import make_policy
 from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
@@ -90,9 +91,12 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
         default=900.0,
         help="end a session after this many seconds without a request",
     )
+    add_gateway_args(p)  # --engine vllm|openai --upstream URL: the gateway (mars.gateway)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.engine != "llamacpp" or args.upstream:
+        return run_gateway_cli(args)
     settings = dict(policy_settings(args))
     if args.engine_cpus:
         # Set before any thread starts: llama.cpp's and uvicorn's threads inherit it.

@@ -1,0 +1,311 @@
+"""The gateway's HTTP front: the same OpenAI-compatible routes as `mars serve`, answered by
+upstream servers behind the MARS control plane.
+
+A call is validated with the embedded server's request models, given its session (the embedded
+server's rules, `mars.server.sessions`), held until the policy admits the session
+(`control.py`), routed to the session's replica (`upstreams.py`) and forwarded (`proxy.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from mars.core.clock import WallClock
+from mars.core.events import EventBus
+from mars.engine.live import AdmissionLimits, Overloaded
+from mars.gateway.control import Control
+from mars.gateway.proxy import Extras, Proxy
+from mars.gateway.upstreams import Flavor, Replica, Upstreams
+from mars.sched.registry import make_policy
+from mars.server.app import _Guard
+from mars.server.eventstream import EventStream
+from mars.server.protocol import APIError, ChatRequest, CompletionRequest, _Body, error_response
+from mars.server.responses import Activity, keepalive, overloaded
+from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
+
+log = logging.getLogger("mars.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    upstreams: tuple[str, ...]
+    flavor: Flavor = "openai"
+    policy: str = "mars"
+    settings: tuple[tuple[str, str], ...] = ()
+    limits: AdmissionLimits = field(default_factory=AdmissionLimits)
+    api_key: str | None = None
+    upstream_timeout_s: float = 600.0  # seconds without a byte from the upstream
+    connect_timeout_s: float = 3.0
+    scrape_s: float = 0.5
+    idle_timeout_s: float = 900.0
+    keepalive_s: float = 10.0
+    events: EventStream | None = None
+
+
+@dataclass
+class _State:
+    upstreams: Upstreams
+    control: Control
+    proxy: Proxy
+    client: httpx.AsyncClient
+
+
+def create_gateway(config: GatewayConfig) -> FastAPI:
+    events = config.events or EventStream()
+    activity = Activity()
+    state: dict[str, _State] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000))
+        upstreams = Upstreams(
+            list(config.upstreams), config.flavor, client, config.scrape_s, config.connect_timeout_s
+        )
+        bus = EventBus()
+        bus.subscribe_all(events)
+        policy = make_policy(config.policy, dict(config.settings))
+        control = Control(policy, upstreams, config.limits, WallClock(), bus)
+        proxy = Proxy(upstreams, client, config.upstream_timeout_s)
+        state["s"] = _State(upstreams, control, proxy, client)
+        await upstreams.check_all()
+        log.warning("upstreams: %s", upstreams.describe())
+        tasks = [
+            asyncio.create_task(upstreams.run()),
+            asyncio.create_task(control.run()),
+            asyncio.create_task(_reap_idle(control, activity, config.idle_timeout_s)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await client.aclose()
+            events.close()
+
+    app = FastAPI(title="mars gateway", lifespan=lifespan)
+    app.add_middleware(_Guard, api_key=config.api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return error_response(400, "the request body is not valid JSON")
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(422, f"{where or 'body'}: {first.get('msg', 'invalid value')}")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        s = state["s"]
+        up = s.upstreams.healthy()
+        body = {
+            "status": "ok" if up else "no upstream is up",
+            "upstreams": {
+                r.url: "up" if r.up else f"down: {r.error}" for r in s.upstreams.replicas
+            },
+        }
+        return JSONResponse(body, 200 if up else 503)
+
+    @app.get("/v1/upstreams")
+    async def upstream_table() -> dict[str, Any]:
+        s = state["s"]
+        rows = [
+            {
+                "url": r.url,
+                "up": r.up,
+                "error": r.error,
+                "sessions": r.sessions,
+                "requests": r.requests,
+                "failures": r.failures_total,
+                "kv_usage": r.signal.kv_usage,
+                "kv_tokens": r.signal.kv_tokens,
+                "waiting": r.signal.waiting,
+                "running": r.signal.running,
+            }
+            for r in s.upstreams.replicas
+        ]
+        placed = {sid: r.url for sid in s.control.sessions if (r := s.upstreams.placed(sid))}
+        return {"object": "list", "data": rows, "sessions": placed}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            "\n".join(_prometheus(state["s"]) + events.prometheus()) + "\n",
+            media_type="text/plain; version=0.0.4",
+        )
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        s = state["s"]
+        for replica in s.upstreams.healthy():
+            try:
+                r = await s.client.get(replica.url + "/v1/models", timeout=10)
+            except httpx.HTTPError as e:
+                s.upstreams.failed(replica, f"GET /v1/models failed: {type(e).__name__}")
+                continue
+            media = r.headers.get("content-type", "application/json")
+            return Response(r.content, r.status_code, media_type=media)
+        raise APIError(503, f"no upstream is up: {s.upstreams.describe()}", code="no_upstream")
+
+    @app.get("/v1/events")
+    async def event_stream(session_id: str | None = None) -> StreamingResponse:
+        """Server-sent events of the control plane (one session's with ?session_id=)."""
+        sub = events.subscribe(session_id)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for record in keepalive(sub.records(), config.keepalive_s):
+                    if record is None:
+                        yield b": keep-alive\n\n"
+                    else:
+                        yield f"data: {json.dumps(record)}\n\n".encode()
+            finally:
+                events.unsubscribe(sub)
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def end_session(session_id: str) -> dict[str, Any]:
+        s = state["s"]
+        replica = s.upstreams.placed(session_id)
+        if replica is not None and replica.up:  # mars serve ends it there too; others say 404
+            with suppress(httpx.HTTPError):
+                await s.client.delete(f"{replica.url}/v1/sessions/{session_id}", timeout=10)
+        s.control.end(session_id)
+        activity.forget(session_id)
+        return {"id": session_id, "object": "session", "deleted": True}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        opening = chat_opening(body.messages)
+        tokens = len(json.dumps(body.messages, default=str)) // 4
+        limit = body.max_completion_tokens or body.max_tokens
+        return await _forward(
+            state["s"], "/v1/chat/completions", body, request, opening, tokens, limit
+        )
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            opening: Any = prompt[:64]
+            tokens = len(prompt)
+        else:
+            text = prompt if isinstance(prompt, str) else "".join(map(str, prompt))
+            opening, tokens = text[:256], len(text) // 4
+        return await _forward(
+            state["s"], "/v1/completions", body, request, opening, tokens, body.max_tokens
+        )
+
+    async def _forward(
+        s: _State,
+        path: str,
+        body: _Body,
+        request: Request,
+        opening: Any,
+        tokens: int,
+        max_tokens: int | None,
+    ) -> Response:
+        headers = request.headers
+        sid = session_of(body, headers, opening)
+        extras = Extras(sid, is_last_step(body, headers), *func_calls(body, headers))
+        try:
+            session = await s.control.enter(sid, tokens)
+        except Overloaded as e:
+            raise overloaded(e) from None
+        except asyncio.CancelledError:
+            s.control.leave(sid)
+            raise
+        turn = s.control.begin_turn(session, tokens, max_tokens or 256, extras.last_func_call)
+        activity.begin(sid)
+        finished = False
+
+        def done(usage: dict[str, Any] | None, ok: bool) -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            activity.end(sid)
+            s.control.end_turn(session, turn, usage)
+            # A session whose first call failed holds nothing upstream: it does not stay.
+            if (ok and extras.is_last_step) or (not ok and len(session.turns) == 1):
+                s.control.end(sid)
+                activity.forget(sid)
+
+        try:
+            answer = await s.proxy.forward(path, body.model_dump(exclude_unset=True), extras, done)
+        except BaseException:
+            done(None, False)
+            raise
+        return answer.response
+
+    return app
+
+
+def _prometheus(s: _State) -> list[str]:
+    window = getattr(s.control.policy, "window", None)
+    gauges = {
+        "window": int(window) if isinstance(window, int | float) else None,
+        "queued": len(s.control.queue),
+        "sessions": s.control.active,
+        "kv_usage": s.control.kv.usage,
+    }
+    lines = []
+    for key, value in gauges.items():
+        if value is not None:
+            lines += [f"# TYPE mars_gateway_{key} gauge", f"mars_gateway_{key} {value}"]
+    lines += ["# TYPE mars_gateway_sessions_moved_total counter"]
+    lines += [f"mars_gateway_sessions_moved_total {s.upstreams.moved}"]
+    per: dict[str, tuple[str, Callable[[Replica], float | None]]] = {
+        "up": ("gauge", lambda r: int(r.up)),
+        "kv_usage": ("gauge", lambda r: r.signal.kv_usage),
+        "waiting": ("gauge", lambda r: r.signal.waiting),
+        "running": ("gauge", lambda r: r.signal.running),
+        "sessions": ("gauge", lambda r: r.sessions),
+        "requests_total": ("counter", lambda r: r.requests),
+        "failures_total": ("counter", lambda r: r.failures_total),
+    }
+    for key, (kind, read) in per.items():
+        lines.append(f"# TYPE mars_gateway_upstream_{key} {kind}")
+        for r in s.upstreams.replicas:
+            value = read(r)
+            if value is not None:
+                lines.append(f'mars_gateway_upstream_{key}{{upstream="{r.url}"}} {value}')
+    return lines
+
+
+async def _reap_idle(control: Control, activity: Activity, timeout_s: float) -> None:
+    """End sessions that have sent nothing for `timeout_s`."""
+    while True:
+        await asyncio.sleep(min(10.0, timeout_s / 2))
+        for sid in activity.idle(timeout_s):
+            control.end(sid)
+
+
+def run_gateway(config: GatewayConfig, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_gateway(config),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
