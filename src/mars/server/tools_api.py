@@ -1,0 +1,82 @@
+"""The tools API: run a command in a session's workspace, seed or delete the workspace.
+
+`POST /v1/sessions/{id}/tools` `{"command": "pytest -x", "timeout_s": 30, "name": "test"}`
+answers `{"stdout", "stderr", "exit_code", "timed_out", "truncated", "queue_wait_s", "run_s"}`.
+`POST /v1/sessions/{id}/workspace` `{"seed": "/abs/path/dir-or-archive"}` seeds from a path on the
+server; `DELETE /v1/sessions/{id}/workspace` kills the session's tools and removes its files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from mars.server.protocol import APIError
+from mars.tools.runtime import ToolCancelled, ToolInputError, ToolRuntime
+from mars.tools.sandbox import INSTALL_HINT
+
+
+class ToolRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "timeout" must not be ignored
+
+    command: str
+    timeout_s: float = 30.0
+    name: str | None = None  # the tool's category; default: classed from the command
+
+
+class WorkspaceSeed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seed: str  # absolute path, on the server, of a directory or .tar/.tar.gz/.tgz/.zip file
+
+
+def tools_router(get_runtime: Callable[[], ToolRuntime | None]) -> APIRouter:
+    """The routes, reading the runtime through `get_runtime` (None: tools are off)."""
+    router = APIRouter()
+
+    def runtime() -> ToolRuntime:
+        rt = get_runtime()
+        if rt is None:
+            raise APIError(501, f"the tools API is off: {INSTALL_HINT}", code="tools_disabled")
+        return rt
+
+    @router.post("/v1/sessions/{session_id}/tools")
+    async def run_tool(session_id: str, body: ToolRun) -> dict[str, Any]:
+        rt = runtime()
+        try:
+            result = await rt.run(session_id, body.command, body.timeout_s, body.name)
+        except ToolInputError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except ToolCancelled as e:
+            raise APIError(409, str(e)) from None
+        return result.to_json()
+
+    @router.post("/v1/sessions/{session_id}/workspace")
+    async def seed_workspace(session_id: str, body: WorkspaceSeed) -> dict[str, Any]:
+        rt = runtime()
+        source = Path(body.seed)
+        if not source.is_absolute():
+            raise APIError(400, f"seed must be an absolute path, got {body.seed!r}", param="seed")
+        if not source.exists():
+            raise APIError(
+                400, f"seed {body.seed!r}: no such file or directory on the server", param="seed"
+            )
+        try:
+            await rt.seed(session_id, source)
+        except ToolInputError as e:
+            raise APIError(400, str(e), param=e.param or "seed") from None
+        except ToolCancelled as e:
+            raise APIError(409, str(e)) from None
+        except (ValueError, OSError) as e:
+            raise APIError(400, f"cannot seed from {body.seed!r}: {e}", param="seed") from None
+        return {"session_id": session_id, "seeded": str(source)}
+
+    @router.delete("/v1/sessions/{session_id}/workspace")
+    async def delete_workspace(session_id: str) -> dict[str, Any]:
+        return {"session_id": session_id, "deleted": await runtime().end_session(session_id)}
+
+    return router

@@ -1,0 +1,240 @@
+"""Session workspaces: one private directory per session under a root, seeded and removed.
+
+Session ids come from clients, so a directory name is the id with every unsafe character replaced,
+cut short, plus a hash of the whole id: no id can name `..`, a path, or another session's
+directory. When mars runs as root each session gets its own uid from a high range, owning its
+directory (mode 0700): RLIMIT_NPROC then counts per session, and sessions cannot read each other's
+files even outside the sandbox.
+
+Seeding copies a directory or extracts an archive (.tar, .tar.gz, .tgz, .zip) into a fresh staging
+directory first (tar with the `data` filter, zip checked by hand, both refusing absolute paths,
+`..` and links that leave the tree), then moves the staged entries in. The move never follows a
+link a tool created: it descends only into real directories, and the runtime seeds only while the
+session has no tool running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mars.core.errors import UsageError
+
+ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    path: Path  # on the host
+    uid: int | None  # the session's own uid, or None: tools run as the server's user
+
+
+def dir_name(session_id: str) -> str:
+    """A directory name for `session_id` that is safe and distinct from every other id's."""
+    if not session_id:
+        raise ValueError("the session id is empty")
+    digest = hashlib.sha256(session_id.encode()).hexdigest()[:12]
+    return f"{_UNSAFE.sub('_', session_id)[:48].strip('.')}-{digest}"
+
+
+class Workspaces:
+    """The workspaces of one server. `root=None`: a temporary root, removed by `close()`."""
+
+    def __init__(
+        self, root: Path | None = None, uid_base: int = 200_000, max_seed_bytes: int = 4 << 30
+    ) -> None:
+        self._owned = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="mars-tools-")) if root is None else root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = self.root.resolve()  # so a seed path can be compared with it
+        self.per_session_uid = os.geteuid() == 0
+        if self.per_session_uid:
+            # Session uids must reach their directory: traverse, but not list, the root.
+            self.root.chmod(0o711)
+            _check_traversable(self.root)
+        self.max_seed_bytes = max_seed_bytes
+        self._uid_next = uid_base
+        self._open: dict[str, Workspace] = {}
+
+    def get(self, session_id: str) -> Workspace | None:
+        return self._open.get(session_id)
+
+    def opened(self) -> list[Workspace]:
+        return list(self._open.values())
+
+    def open(self, session_id: str) -> Workspace:
+        """The session's workspace, created (empty) on first use."""
+        found = self._open.get(session_id)
+        if found is not None:
+            return found
+        path = self.root / dir_name(session_id)
+        uid = self._new_uid() if self.per_session_uid else None
+        if path.exists():  # left over by an earlier server with the same root
+            _remove_tree(path)
+        path.mkdir(mode=0o700)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        self._open[session_id] = ws = Workspace(path, uid)
+        return ws
+
+    def seed(self, session_id: str, source: Path) -> Workspace:
+        """Copy directory `source`, or extract archive `source`, into the session's workspace."""
+        source = source.resolve()
+        if source == self.root or self.root in source.parents:
+            raise ValueError(f"{source} is inside the workspace root: seed from elsewhere")
+        ws = self.open(session_id)
+        staging = Path(tempfile.mkdtemp(prefix=".seed-", dir=self.root))
+        try:
+            if source.is_dir():
+                self._copy_dir(source, staging)
+            elif source.is_file() and source.name.endswith(ARCHIVES):
+                self._extract(source, staging)
+            elif source.exists():
+                raise ValueError(
+                    f"cannot seed from {source}: give a directory or a {', '.join(ARCHIVES)} file"
+                )
+            else:
+                raise FileNotFoundError(f"no such file or directory: {source}")
+            if ws.uid is not None:
+                _chown_tree(staging, ws.uid)
+            _merge(staging, ws.path)
+        finally:
+            _remove_tree(staging)
+        return ws
+
+    def remove(self, session_id: str) -> bool:
+        """Delete the session's workspace; False when it had none."""
+        ws = self._open.pop(session_id, None)
+        if ws is None:
+            return False
+        _remove_tree(ws.path)
+        return True
+
+    def close(self) -> None:
+        for session_id in list(self._open):
+            self.remove(session_id)
+        if self._owned:
+            _remove_tree(self.root)
+
+    def _new_uid(self) -> int:
+        while True:
+            uid, self._uid_next = self._uid_next, self._uid_next + 1
+            try:
+                pwd.getpwuid(uid)
+            except KeyError:
+                return uid  # not a real user of this machine
+
+    def _copy_dir(self, source: Path, staging: Path) -> None:
+        total = 0
+        for dirpath, _, files in os.walk(source):
+            for name in files:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+                self._check_size(total, source)
+        # Links are copied as links (their targets do not exist in the sandbox); fifos, sockets
+        # and devices are left out: opening them could block or reach the host.
+        shutil.copytree(source, staging, symlinks=True, ignore=_specials, dirs_exist_ok=True)
+
+    def _extract(self, archive: Path, staging: Path) -> None:
+        try:
+            if archive.name.endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    members = zf.infolist()
+                    for info in members:
+                        _check_member(info.filename, archive)
+                    self._check_size(sum(i.file_size for i in members), archive)
+                    zf.extractall(staging)
+            else:
+                with tarfile.open(archive) as tf:
+                    tar_members = tf.getmembers()
+                    for member in tar_members:  # the filter would quietly strip a leading "/"
+                        _check_member(member.name, archive)
+                    self._check_size(sum(m.size for m in tar_members), archive)
+                    tf.extractall(staging, filter="data")
+        except tarfile.FilterError as e:
+            raise ValueError(f"refused archive {archive}: {e}") from None
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"cannot read archive {archive}: {e}") from None
+
+    def _check_size(self, total: int, source: Path) -> None:
+        if total > self.max_seed_bytes:
+            raise ValueError(
+                f"{source} holds more than {self.max_seed_bytes} bytes: seed from something smaller"
+            )
+
+
+def _check_member(name: str, archive: Path) -> None:
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or ".." in parts or ":" in (parts[0] if parts else ""):
+        raise ValueError(f"refused archive {archive}: member {name!r} would land outside it")
+
+
+def _specials(directory: str, names: list[str]) -> set[str]:
+    skipped = set()
+    for name in names:
+        mode = os.lstat(os.path.join(directory, name)).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            skipped.add(name)
+    return skipped
+
+
+def _merge(staging: Path, dest: Path) -> None:
+    """Move staging's entries into dest, replacing what is there; links in dest are not followed."""
+    for entry in os.scandir(staging):
+        target = dest / entry.name
+        try:
+            mode: int | None = os.lstat(target).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode) and entry.is_dir(follow_symlinks=False):
+            _merge(Path(entry.path), target)
+            continue
+        if mode is not None:
+            if stat.S_ISDIR(mode):
+                _remove_tree(target)
+            else:
+                target.unlink()
+        os.rename(entry.path, target)
+
+
+def _chown_tree(top: Path, uid: int) -> None:
+    os.chown(top, uid, uid, follow_symlinks=False)
+    for dirpath, dirs, files in os.walk(top):
+        for name in dirs + files:
+            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that also removes what a tool made unwritable (mode 000 directories)."""
+
+    def retry(func: object, failed: str, _: object) -> None:
+        parent = os.path.dirname(failed)
+        os.chmod(parent, 0o700)
+        if os.path.isdir(failed) and not os.path.islink(failed):
+            os.chmod(failed, 0o700)
+            shutil.rmtree(failed, ignore_errors=True)
+        else:
+            os.unlink(failed)
+
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=retry)
+
+
+def _check_traversable(root: Path) -> None:
+    for parent in [root, *root.parents]:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            raise UsageError(
+                f"{parent} is not searchable by other users, so session uids cannot reach "
+                f"{root}: chmod o+x {parent} or choose another --workspace-root"
+            )
