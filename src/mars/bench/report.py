@@ -166,17 +166,22 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
             for part in parts
         ]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Goodput capacity",
-        "",
-        f"Highest swept rate at which at least {GOODPUT_TARGET:.0%} of sessions finish "
-        "within 3x their ideal time (mean over seeds).",
-        "",
-        "| policy | goodput capacity, sessions/s |",
-        "|---|---:|",
-    ]
-    for p in policies:
+    closed = bool(results) and results[0].get("load") is None and results[0].get("rate") is None
+    lines += (
+        []
+        if closed
+        else [
+            "",
+            "## Goodput capacity",
+            "",
+            f"Highest swept rate at which at least {GOODPUT_TARGET:.0%} of sessions finish "
+            "within 3x their ideal time (mean over seeds).",
+            "",
+            "| policy | goodput capacity, sessions/s |",
+            "|---|---:|",
+        ]
+    )
+    for p in [] if closed else policies:
         ok = [
             groups[(p, x)][0]["rate"]
             for x in xs
