@@ -34,9 +34,9 @@ class Proc:
     base: str
 
 
-def start(*args: str, healthy: tuple[int, ...] = (200,)) -> Proc:
+def start(*args: str, healthy: tuple[int, ...] = (200,), port: int | None = None) -> Proc:
     """`mars serve ARGS` on a free port, once /health answers one of `healthy`."""
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port), *args]
     env = {k: v for k, v in os.environ.items() if k != "MARS_API_KEY"}
     popen = subprocess.Popen(
@@ -66,12 +66,15 @@ def gateway(upstreams: list[str], *extra: str) -> Proc:
     return start("--engine", "openai", *ups, *extra, healthy=(200, 503))
 
 
+REPLICA = ("--kv-tokens", "8192", "--threads", "1")
+
+
 @pytest.fixture(scope="module")
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     try:
         for _ in range(2):
-            started.append(start("--kv-tokens", "8192", "--threads", "1"))
+            started.append(start(*REPLICA))
         yield started
     finally:
         for proc in started:
@@ -180,28 +183,41 @@ def test_a_tiny_window_queues_then_refuses(replicas: list[str]) -> None:
     tiny = gateway(
         replicas,
         *("--policy", "mars", "--set", "window_start=1", "--set", "window_min=1"),
-        *("--set", "window_inc=0", "--max-queued", "1", "--queue-timeout", "2"),
+        *("--set", "window_inc=0", "--max-queued", "2", "--queue-timeout", "2"),
+        *("--sse-keepalive", "0.2"),
     )
     base = tiny.base
     try:
         assert complete(base, "holder", [1, 2, 3]).status_code == 200  # holds the window
         late: list[tuple[httpx.Response, float]] = []
+        lines: list[str] = []
 
         def wait() -> None:
             t0 = time.monotonic()
             late.append((complete(base, "waiter", [4, 5]), time.monotonic() - t0))
 
-        waiter = threading.Thread(target=wait)
-        waiter.start()
-        queued = "mars_gateway_queued 1"
-        wait_for(lambda: queued in httpx.get(f"{base}/metrics", timeout=10).text)
+        def stream() -> None:
+            body = {"prompt": [7, 8], "max_tokens": 2, "stream": True, "session_id": "streamer"}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+                assert r.status_code == 200
+                lines.extend(r.iter_lines())
+
+        waiters = [threading.Thread(target=wait), threading.Thread(target=stream)]
+        for i, waiter in enumerate(waiters, 1):
+            waiter.start()
+            queued = f"mars_gateway_queued {i}"
+            wait_for(lambda q=queued: q in httpx.get(f"{base}/metrics", timeout=10).text)
         refused = complete(base, "refused", [6])
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "queue_full"
-        waiter.join(30)
+        for waiter in waiters:
+            waiter.join(30)
         ((response, waited),) = late
         assert response.status_code == 503 and 1.5 < waited < 8, response.text
         assert response.json()["error"]["code"] == "admission_timeout"
+        # The waiting stream was kept alive, then told in the stream.
+        assert ": keep-alive" in lines and "admission_timeout" in "".join(lines), lines
+        assert [line for line in lines if line][-1] == "data: [DONE]"
         end(base, "holder")
         assert complete(base, "after", [8, 8]).status_code == 200
     finally:
@@ -239,3 +255,9 @@ def test_a_killed_replicas_sessions_go_on_elsewhere(gw: str, procs: list[Proc]) 
     metrics = httpx.get(f"{gw}/metrics", timeout=10).text
     assert f'mars_gateway_upstream_up{{upstream="{victim}"}} 0' in metrics
     assert "mars_gateway_sessions_moved_total 1" in metrics
+    # The replica restarts (the session table is the gateway's): it is back once healthy, and
+    # takes the next new session (it has none).
+    index = next(i for i, p in enumerate(procs) if p.base == victim)
+    procs[index] = start(*REPLICA, port=int(victim.rsplit(":", 1)[1]))
+    wait_for(lambda: f'up{{upstream="{victim}"}} 1' in httpx.get(f"{gw}/metrics").text)
+    assert complete(gw, "k3", [2, 7]).headers["x-mars-upstream"] == victim

@@ -23,16 +23,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from mars.core.clock import WallClock
 from mars.core.events import EventBus
-from mars.engine.live import AdmissionLimits, Overloaded
+from mars.engine.live import AdmissionLimits
+from mars.gateway.calls import CallInfo, Calls
 from mars.gateway.control import Control
-from mars.gateway.proxy import Extras, Proxy
+from mars.gateway.proxy import Proxy
 from mars.gateway.upstreams import Flavor, Replica, Upstreams
 from mars.sched.registry import make_policy
 from mars.server.app import _Guard
 from mars.server.eventstream import EventStream
-from mars.server.protocol import APIError, ChatRequest, CompletionRequest, _Body, error_response
-from mars.server.responses import Activity, keepalive, overloaded
-from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
+from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_response
+from mars.server.responses import Activity, keepalive
+from mars.server.sessions import chat_opening
 
 log = logging.getLogger("mars.gateway")
 
@@ -59,6 +60,7 @@ class _State:
     control: Control
     proxy: Proxy
     client: httpx.AsyncClient
+    calls: Calls
 
 
 def create_gateway(config: GatewayConfig) -> FastAPI:
@@ -77,7 +79,8 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
         policy = make_policy(config.policy, dict(config.settings))
         control = Control(policy, upstreams, config.limits, WallClock(), bus)
         proxy = Proxy(upstreams, client, config.upstream_timeout_s)
-        state["s"] = _State(upstreams, control, proxy, client)
+        calls = Calls(control, proxy, activity, config.keepalive_s)
+        state["s"] = _State(upstreams, control, proxy, client, calls)
         await upstreams.check_all()
         log.warning("upstreams: %s", upstreams.describe())
         tasks = [
@@ -194,12 +197,10 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Response:
-        opening = chat_opening(body.messages)
         tokens = len(json.dumps(body.messages, default=str)) // 4
         limit = body.max_completion_tokens or body.max_tokens
-        return await _forward(
-            state["s"], "/v1/chat/completions", body, request, opening, tokens, limit
-        )
+        info = CallInfo("/v1/chat/completions", chat_opening(body.messages), tokens, limit)
+        return await state["s"].calls.handle(body, request.headers, info)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -210,51 +211,8 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
         else:
             text = prompt if isinstance(prompt, str) else "".join(map(str, prompt))
             opening, tokens = text[:256], len(text) // 4
-        return await _forward(
-            state["s"], "/v1/completions", body, request, opening, tokens, body.max_tokens
-        )
-
-    async def _forward(
-        s: _State,
-        path: str,
-        body: _Body,
-        request: Request,
-        opening: Any,
-        tokens: int,
-        max_tokens: int | None,
-    ) -> Response:
-        headers = request.headers
-        sid = session_of(body, headers, opening)
-        extras = Extras(sid, is_last_step(body, headers), *func_calls(body, headers))
-        try:
-            session = await s.control.enter(sid, tokens)
-        except Overloaded as e:
-            raise overloaded(e) from None
-        except asyncio.CancelledError:
-            s.control.leave(sid)
-            raise
-        turn = s.control.begin_turn(session, tokens, max_tokens or 256, extras.last_func_call)
-        activity.begin(sid)
-        finished = False
-
-        def done(usage: dict[str, Any] | None, ok: bool) -> None:
-            nonlocal finished
-            if finished:
-                return
-            finished = True
-            activity.end(sid)
-            s.control.end_turn(session, turn, usage)
-            # A session whose first call failed holds nothing upstream: it does not stay.
-            if (ok and extras.is_last_step) or (not ok and len(session.turns) == 1):
-                s.control.end(sid)
-                activity.forget(sid)
-
-        try:
-            answer = await s.proxy.forward(path, body.model_dump(exclude_unset=True), extras, done)
-        except BaseException:
-            done(None, False)
-            raise
-        return answer.response
+        info = CallInfo("/v1/completions", opening, tokens, body.max_tokens)
+        return await state["s"].calls.handle(body, request.headers, info)
 
     return app
 

@@ -106,10 +106,11 @@ class Control:
             self.queue.poll()
             self._expire()
 
-    async def enter(self, session_id: str, prompt_tokens: int) -> Session:
-        """The session, admitted: a new one waits in the queue (raises `Overloaded`)."""
-        session = self.sessions.get(session_id)
-        if session is None:
+    def arrive(self, session_id: str, prompt_tokens: int) -> asyncio.Future[None] | None:
+        """A call of the session arrived: None if its session is admitted, else the future of
+        its admission (its exception: `Overloaded`, 503 past the deadline). A new session joins
+        the queue; if the queue is full, `Overloaded` (429) is raised now."""
+        if session_id not in self.sessions:
             if len(self.queue) >= self.limits.max_queued:
                 retry = self.limits.retry_after_s
                 raise Overloaded(
@@ -124,10 +125,7 @@ class Control:
             self._admission[session_id] = asyncio.get_running_loop().create_future()
             self.bus.publish(SessionArrived(now, session_id))
             self.queue.add(session)  # calls _admitted at once if the policy admits
-        waiting = self._admission.get(session_id)
-        if waiting is not None:
-            await asyncio.shield(waiting)
-        return session
+        return self._admission.get(session_id)
 
     def _admitted(self, session: Session) -> None:
         session.status = SessionStatus.LLM
