@@ -6,7 +6,6 @@ after Retry-After."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,13 +23,11 @@ from mars.agents.cpuwork import CpuCalibration
 from mars.agents.probe import tools_api_status
 from mars.agents.prompts import PromptBuilder
 from mars.agents.replay import ReplayConfig, ReplayOutcome, replay
-from mars.bench.liveserver import mars_server
+from mars.bench.liveserver import mars_server, unsafe_tools
 from mars.sim.workload import SessionSpec, ToolSpec, TurnSpec, WorkloadConfig, build_workload
 
 pytestmark = pytest.mark.skipif(not TRACES.is_file(), reason=f"no trace file at {TRACES}")
-SERVE = ["--kv-tokens", "4096", "--threads", "2"]
-if shutil.which("bwrap") is None:
-    SERVE.append("--unsafe-tools")
+SERVE = ["--kv-tokens", "4096", "--threads", "2", *unsafe_tools()]
 # Measured once on the test host would cost 2 s; the tests only need runs that exit 0.
 CPU = CpuCalibration(iterations_per_s=2e7, startup_s=0.02)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from factories import TRACES
+from mars.bench.liveserver import unsafe_tools
 from test_cli import RESULT_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def test_bench_writes_results_and_report(tmp_path: Path) -> None:
     proc = bench(
         "--traces", str(TRACES), "--policies", "fcfs", "--sessions", "2", "--concurrency", "2",
         "--token-scale", "0.005", "--time-scale", "0.01", "--client-tools", "--kv-tokens", "4096",
-        "--out", str(out),
+        "--out", str(out), *unsafe_tools(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = json.loads((out / "results.json").read_text())

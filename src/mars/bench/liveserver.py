@@ -73,3 +73,12 @@ def _wait_healthy(proc: subprocess.Popen[bytes], base: str, log_path: Path) -> N
                 f"mars serve did not answer /health within {START_TIMEOUT_S:g} s; see {log_path}"
             )
         time.sleep(0.2)
+
+
+def unsafe_tools() -> list[str]:
+    """`["--unsafe-tools"]` where this `mars serve` has the flag: for runs (tests, CI) on hosts
+    where bubblewrap cannot sandbox and the tools run are the agents' own busy loops."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mars", "serve", "--help"], capture_output=True, text=True
+    ).stdout
+    return ["--unsafe-tools"] if "--unsafe-tools" in help_text else []
