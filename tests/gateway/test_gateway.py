@@ -169,6 +169,18 @@ def test_streams_are_relayed_and_extras_reach_the_upstream(gw: str) -> None:
     assert "st" not in placed(gw)
 
 
+def test_a_client_that_leaves_cancels_the_upstream_request(gw: str, replicas: list[str]) -> None:
+    body = {"prompt": [5, 6], "max_tokens": 6000, "min_tokens": 6000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw}/v1/completions", json={**body, "session_id": "gone"}, timeout=1.0)
+
+    def stats(key: str) -> int:
+        return sum(httpx.get(f"{u}/v1/kv_cache_stats", timeout=10).json()[key] for u in replicas)
+
+    wait_for(lambda: stats("running") == 0, timeout=10)  # aborted upstream, not run to 6000
+    assert "gone" not in placed(gw)  # a first call that failed leaves no session behind
+
+
 def test_upstream_errors_are_relayed_with_their_status(gw: str) -> None:
     r = httpx.post(
         f"{gw}/v1/completions", json={"prompt": [1], "max_tokens": 2, "model": "nope"}, timeout=30

@@ -45,7 +45,8 @@ class GatewayConfig:
     policy: str = "mars"
     settings: tuple[tuple[str, str], ...] = ()
     limits: AdmissionLimits = field(default_factory=AdmissionLimits)
-    api_key: str | None = None
+    api_key: str | None = None  # what the gateway's clients must send
+    upstream_api_key: str | None = None  # what the gateway sends to the upstreams
     upstream_timeout_s: float = 600.0  # seconds without a byte from the upstream
     connect_timeout_s: float = 3.0
     scrape_s: float = 0.5
@@ -70,7 +71,9 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000))
+        key = config.upstream_api_key
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000), headers=auth)
         upstreams = Upstreams(
             list(config.upstreams), config.flavor, client, config.scrape_s, config.connect_timeout_s
         )
@@ -200,7 +203,7 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
         tokens = len(json.dumps(body.messages, default=str)) // 4
         limit = body.max_completion_tokens or body.max_tokens
         info = CallInfo("/v1/chat/completions", chat_opening(body.messages), tokens, limit)
-        return await state["s"].calls.handle(body, request.headers, info)
+        return await state["s"].calls.handle(body, request, info)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -212,7 +215,7 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
             text = prompt if isinstance(prompt, str) else "".join(map(str, prompt))
             opening, tokens = text[:256], len(text) // 4
         info = CallInfo("/v1/completions", opening, tokens, body.max_tokens)
-        return await state["s"].calls.handle(body, request.headers, info)
+        return await state["s"].calls.handle(body, request, info)
 
     return app
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from mars.engine.live import Overloaded
@@ -41,7 +43,26 @@ class Calls:
         self.control, self.proxy, self.activity = control, proxy, activity
         self.keepalive_s = keepalive_s
 
-    async def handle(self, body: _Body, headers: Mapping[str, str], info: CallInfo) -> Response:
+    async def handle(self, body: _Body, request: Request, info: CallInfo) -> Response:
+        """Answer the call; a plain call whose client disconnects is cancelled (and so its
+        upstream request: the upstream sees the disconnect and aborts it)."""
+        if body.stream:  # Starlette cancels a stream whose client left
+            return await self._handle(body, request.headers, info)
+        task = asyncio.ensure_future(self._handle(body, request.headers, info))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            return Response(status_code=499)  # nobody is listening any more
+        return task.result()
+
+    async def _handle(self, body: _Body, headers: Mapping[str, str], info: CallInfo) -> Response:
         sid = session_of(body, headers, info.opening)
         extras = Extras(sid, is_last_step(body, headers), *func_calls(body, headers))
         try:
@@ -121,6 +142,11 @@ class Calls:
 
         headers = {"X-Session-ID": extras.session_id, "Cache-Control": "no-cache"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error_event(error: dict[str, Any]) -> bytes:

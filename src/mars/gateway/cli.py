@@ -31,6 +31,10 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="an upstream server, e.g. http://gpu1:8000 (repeatable; with --engine vllm|openai)",
     )
     p.add_argument(
+        "--upstream-api-key",
+        help="send 'Authorization: Bearer KEY' to the upstreams (or set MARS_UPSTREAM_API_KEY)",
+    )
+    p.add_argument(
         "--upstream-timeout",
         type=positive_float,
         default=600.0,
@@ -92,6 +96,7 @@ def run_gateway_cli(args: argparse.Namespace) -> int:
         settings=settings,
         limits=AdmissionLimits(args.max_queued, args.queue_timeout),
         api_key=api_key,
+        upstream_api_key=args.upstream_api_key or os.environ.get("MARS_UPSTREAM_API_KEY"),
         upstream_timeout_s=args.upstream_timeout,
         connect_timeout_s=args.upstream_connect_timeout,
         idle_timeout_s=args.session_idle_timeout,

@@ -23,6 +23,7 @@ from mars.gateway.upstreams import Replica, Upstreams
 from mars.server.protocol import APIError, error_body
 
 MAX_ATTEMPTS = 3  # replicas one request may try when connections are refused
+GIVE_UP_S = 8.0  # no new attempt after this long: a client hears of dead upstreams within 10 s
 _TAIL = 16384  # bytes of a stream kept to find its usage
 
 
@@ -94,7 +95,8 @@ class Proxy:
         started = time.monotonic()
         for _ in range(MAX_ATTEMPTS):
             replica = self.upstreams.route(session_id)
-            if replica is None:
+            late = time.monotonic() - started + self.upstreams.probe_timeout_s > GIVE_UP_S
+            if replica is None or (tried and late):
                 break
             request = self._client.build_request(
                 "POST", replica.url + path, json=payload, timeout=self._timeout()

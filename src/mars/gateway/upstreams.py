@@ -162,7 +162,7 @@ class Upstreams:
                 r = await self._client.get(replica.url + path, timeout=self.probe_timeout_s)
                 if r.status_code != 404:
                     break
-        except httpx.ConnectError as e:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # unreachable: down now
             return self.failed(replica, f"cannot connect: {_reason(e)}", fatal=True)
         except httpx.HTTPError as e:
             return self.failed(replica, f"probe failed: {type(e).__name__} {_reason(e)}")
