@@ -137,6 +137,7 @@ def test_sessions_stick_to_a_replica_and_new_ones_spread(gw: str, replicas: list
     metrics = httpx.get(f"{gw}/metrics", timeout=10).text
     assert f'mars_gateway_upstream_up{{upstream="{replicas[0]}"}} 1' in metrics
     assert "mars_gateway_window " in metrics and "mars_gateway_upstream_kv_usage{" in metrics
+    assert 'mars_events_total{event="session_admitted"}' in metrics
     end(gw, "s1", "s2")
     assert placed(gw) == {}
 

@@ -32,17 +32,20 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--upstream-api-key",
+        metavar="KEY",
         help="send 'Authorization: Bearer KEY' to the upstreams (or set MARS_UPSTREAM_API_KEY)",
     )
     p.add_argument(
         "--upstream-timeout",
         type=positive_float,
+        metavar="SECONDS",
         default=600.0,
         help="seconds an upstream may send nothing before the request fails with 504",
     )
     p.add_argument(
         "--upstream-connect-timeout",
         type=positive_float,
+        metavar="SECONDS",
         default=3.0,
         help="seconds to connect to an upstream (and to probe it) before it counts as failed",
     )

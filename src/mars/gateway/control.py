@@ -31,6 +31,9 @@ from mars.kv.manager import KVManager
 from mars.sched.policy import Policy, PolicyContext
 
 UNKNOWN_CAPACITY = 1 << 40  # tokens: with no capacity known, admission is by count alone
+# The per-step token budget a policy's priority quanta are cut from: an engine-side number the
+# gateway's decisions (admission only) never read; vLLM's default.
+STEP_TOKENS = 8192
 
 
 class PooledKV:
@@ -91,7 +94,7 @@ class Control:
         self.sessions: dict[str, Session] = {}
         self.kv = PooledKV(upstreams)
         # The policy reads only PooledKV's members (see the module docstring).
-        policy.bind(PolicyContext(clock, bus, cast(KVManager, self.kv), self.sessions, 8192))
+        policy.bind(PolicyContext(clock, bus, cast(KVManager, self.kv), self.sessions, STEP_TOKENS))
         self.queue = AdmissionQueue(policy, clock, bus, self._admitted)
         self._admission: dict[str, asyncio.Future[None]] = {}
         self._ids = itertools.count()
