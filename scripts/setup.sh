@@ -15,6 +15,19 @@ extra=""
 stamp=".venv/.mars-setup${extra}"
 pip_() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 
+# The tools API runs each command in a bubblewrap sandbox (`mars serve --unsafe-tools` runs
+# them without one). Installed here only as root with apt; otherwise a one-line note.
+if ! command -v bwrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing bubblewrap (the tools API's sandbox)" >&2
+    apt_() { DEBIAN_FRONTEND=noninteractive apt-get "$@" -qq >/dev/null 2>&1; }
+    apt_ install -y bubblewrap || { apt_ update && apt_ install -y bubblewrap; } ||
+      echo "setup: could not install bubblewrap: the tools API stays off without it" >&2
+  else
+    echo "setup: note: the tools API needs bubblewrap (apt-get install bubblewrap as root)" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$PY" --version)" >&2
   "$PY" -m venv .venv

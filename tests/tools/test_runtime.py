@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,16 @@ def test_cgroup_v2_detection_answers_without_failing() -> None:
         assert not cgroup_v2_available()  # a v1 memory controller: rlimits only
     else:
         assert isinstance(cgroup_v2_available(), bool)
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_the_start_up_check_starts_one_tool_and_leaves_no_workspace(unsafe: bool) -> None:
+    if not unsafe and shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+
+    async def scenario() -> None:
+        async with tool_runtime(unsafe=unsafe) as rt:
+            rt.check()
+            assert rt.workspaces.opened() == [] and list(rt.workspaces.root.iterdir()) == []
+
+    asyncio.run(scenario())

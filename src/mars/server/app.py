@@ -48,6 +48,8 @@ from mars.server.responses import (
     sse,
 )
 from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
+from mars.server.tools_api import tools_router
+from mars.tools.runtime import ToolRuntime
 
 MAX_BODY_BYTES = 4 << 20
 MODEL_ALIASES = ("default", "mars")
@@ -79,6 +81,7 @@ class ServerConfig:
     keepalive_s: float = 10.0  # SSE comment interval while a stream has nothing to send
     events: EventStream | None = None  # the event stream (a JSONL file with --events)
     recorder: TraceRecorder | None = None  # --record-trace
+    tools: ToolRuntime | None = None  # the tools API (None: off, the routes answer 501)
 
 
 class _Guard:
@@ -138,6 +141,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
             yield
         finally:
             reaper.cancel()
+            if config.tools is not None:
+                await config.tools.close()  # kills running tools, removes the workspaces
             await asyncio.to_thread(eng.shutdown)
             events.close()
             if config.recorder is not None:
@@ -145,6 +150,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
 
     app = FastAPI(title="mars", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=config.api_key)
+    app.include_router(tools_router(lambda: config.tools))
 
     def engine() -> LiveEngine:
         eng: LiveEngine = state["engine"]

@@ -11,6 +11,7 @@ from mars.core.errors import UsageError
 from mars.gateway.cli import add_gateway_args, run_gateway_cli
 from mars.sched.registry import make_policy
 from mars.sched.settings_args import add_policy_settings, policy_settings
+from mars.server.tools_cli import add_tool_args, start_tools, tool_config
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
 from mars.tools.cpus import parse_cpu_list
 
@@ -91,6 +92,7 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
         default=900.0,
         help="end a session after this many seconds without a request",
     )
+    add_tool_args(p)  # --tool-workers, --tool-cpus, --unsafe-tools, ...: mars.server.tools_cli
     add_gateway_args(p)  # --engine vllm|openai --upstream URL: the gateway (mars.gateway)
 
 
@@ -98,6 +100,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.engine != "llamacpp" or args.upstream:
         return run_gateway_cli(args)
     settings = dict(policy_settings(args))
+    # Before --engine-cpus narrows this process's CPUs: --tool-cpus is checked against all.
+    tools_config = tool_config(args)  # None: the tools API is off
     if args.engine_cpus:
         # Set before any thread starts: llama.cpp's and uvicorn's threads inherit it.
         os.sched_setaffinity(0, parse_cpu_list(args.engine_cpus))
@@ -132,12 +136,21 @@ def run_serve(args: argparse.Namespace) -> int:
     # Load the model here, not in the app's startup, so a bad file or size is one clear error.
     try:
         engine = LiveEngine(
-            Model(path), config, args.policy, args.host_kv_tokens, limits=limits, settings=settings
+            Model(path),
+            config,
+            args.policy,
+            args.host_kv_tokens,
+            limits=limits,
+            settings=settings,
+            tool_workers=tools_config.worker_count() if tools_config else None,
         )
     except (ValueError, RuntimeError, OSError) as e:
         raise UsageError(f"{e} (check --model and --kv-tokens)") from None
     api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
-    server = ServerConfig(api_key, args.session_idle_timeout, args.sse_keepalive, events, recorder)
+    tools = start_tools(tools_config, engine.clock, engine.tool_event)
+    server = ServerConfig(
+        api_key, args.session_idle_timeout, args.sse_keepalive, events, recorder, tools=tools
+    )
     app = create_app(lambda: engine, server)
     print(
         f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import resource
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from mars.core.clock import Clock, WallClock
 from mars.core.events import Event, ToolEnd, ToolEnqueued, ToolStart
 from mars.tools.category import categorize
 from mars.tools.runner import Outcome, kill_uid, processes_of, run_process
-from mars.tools.sandbox import Limits, Sandbox, make_sandbox
+from mars.tools.sandbox import Limits, Sandbox, check_sandbox, make_sandbox
 from mars.tools.workspace import Workspace, Workspaces
 
 MAX_TIMEOUT_S = 3600.0
@@ -50,6 +51,9 @@ class ToolConfig:
     workspace_root: Path | None = None  # None: a temporary directory, removed by close()
     max_timeout_s: float = MAX_TIMEOUT_S
 
+    def worker_count(self) -> int:
+        return self.workers or (len(self.cpus) if self.cpus else os.cpu_count() or 1)
+
 
 @dataclass(frozen=True)
 class ToolResult:
@@ -78,8 +82,7 @@ class ToolRuntime:
         self.sandbox = sandbox or make_sandbox(config.limits, config.unsafe, cpus)
         self.clock: Clock = clock or WallClock()
         self.publish = publish
-        default_workers = len(config.cpus) if config.cpus else os.cpu_count() or 1
-        self.workers = config.workers or default_workers
+        self.workers = config.worker_count()
         self.busy = 0  # workers running a tool
         self.workspaces = Workspaces(config.workspace_root)
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -162,6 +165,15 @@ class ToolRuntime:
         await asyncio.to_thread(self.workspaces.remove, session_id)
         return True
 
+    def check(self) -> None:
+        """Start one sandbox now, so a host that cannot run them fails with the fix at start-up."""
+        probe = "mars-start-up-check"
+        ws = self.workspaces.open(probe)
+        try:
+            check_sandbox(self.sandbox, ws.path, ws.uid, self._nproc(ws))
+        finally:
+            self.workspaces.remove(probe)
+
     def session_processes(self, session_id: str) -> list[int]:
         """Host pids running as the session's uid (empty without per-session uids)."""
         ws = self.workspaces.get(session_id)
@@ -184,10 +196,7 @@ class ToolRuntime:
 
     # ---- internals ------------------------------------------------------------------------------
     async def _spawn(self, session_id: str, ws: Workspace, command: str, timeout: float) -> Outcome:
-        processes = None
-        if ws.uid is None:  # RLIMIT_NPROC counts all of this user's processes, not just the tool's
-            processes = len(processes_of(os.getuid())) + self.sandbox.limits.processes
-        argv = self.sandbox.argv(ws.path, command, processes)
+        argv = self.sandbox.argv(ws.path, command, self._nproc(ws))
         task = asyncio.ensure_future(
             run_process(
                 argv,
@@ -211,6 +220,14 @@ class ToolRuntime:
             running.discard(task)
             if not running and self._running.get(session_id) is running:
                 del self._running[session_id]
+
+    def _nproc(self, ws: Workspace) -> int:
+        """RLIMIT_NPROC for a run: it counts every process of the uid, not just the tool's."""
+        limit = self.sandbox.limits.processes
+        if ws.uid is None:  # the server's own uid: its other processes count too
+            limit += len(processes_of(os.getuid()))
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        return limit if hard == resource.RLIM_INFINITY else min(limit, hard)
 
     async def _acquire(self) -> None:
         if self.busy < self.workers and not self._waiters:

@@ -135,10 +135,10 @@ def make_sandbox(limits: Limits, unsafe: bool, cpus: list[int] | None = None) ->
     return Sandbox(limits, bwrap, prlimit, taskset, cpu_tuple, sized)
 
 
-def check_sandbox(sandbox: Sandbox, scratch: Path, uid: int | None = None) -> None:
+def check_sandbox(sandbox: Sandbox, scratch: Path, uid: int | None, processes: int) -> None:
     """Run `true` in the sandbox once, so a host without user namespaces fails at start-up."""
     proc = subprocess.run(
-        sandbox.argv(scratch, "true", processes=1 << 20),
+        sandbox.argv(scratch, "true", processes),
         cwd=scratch,
         env=sandbox.env(scratch),
         capture_output=True,
@@ -151,6 +151,8 @@ def check_sandbox(sandbox: Sandbox, scratch: Path, uid: int | None = None) -> No
     )
     if proc.returncode != 0:
         why = proc.stderr.strip() or f"exit status {proc.returncode}"
+        if not sandbox.isolated:
+            raise UsageError(f"cannot start a tool process here: {why}")
         raise UsageError(
             f"bubblewrap cannot start a sandbox here ({why}); enable unprivileged user "
             "namespaces (sysctl kernel.unprivileged_userns_clone=1) or pass --unsafe-tools"
