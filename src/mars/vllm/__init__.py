@@ -1,0 +1,1 @@
+"""MARS inside vLLM V1: the `--scheduler-cls` plug-in (`scheduler.py`) and its vLLM-free adapter."""
