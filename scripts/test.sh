@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --dev
-echo "== ruff" && .venv/bin/ruff check src tests scripts
-echo "== ruff format" && .venv/bin/ruff format --check src tests scripts
+echo "== ruff" && .venv/bin/ruff check src tests scripts examples
+echo "== ruff format" && .venv/bin/ruff format --check src tests scripts examples
 echo "== mypy" && .venv/bin/mypy
 echo "== pytest" && exec .venv/bin/python -m pytest "$@"
