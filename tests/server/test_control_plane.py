@@ -29,7 +29,7 @@ from serving import serve  # noqa: E402
 ONE_AT_A_TIME = (
     "--policy", "mars", "--set", "window_start=1", "--set", "window_min=1",
     "--set", "window_inc=0", "--max-queued", "2", "--queue-timeout", "3",
-    "--sse-keepalive", "0.2",
+    "--sse-keepalive", "0.2", "--tool-workers", "1",
 )  # fmt: skip
 
 
@@ -230,3 +230,37 @@ async def _burst(base: str, n: int) -> list[int]:
             return 200
 
         return list(await asyncio.gather(*(session(i) for i in range(n))))
+
+
+def test_tool_runs_are_the_sessions_tool_phases(gated: str, files: dict[str, Path]) -> None:
+    if httpx.get(f"{gated}/metrics", timeout=30).status_code != 200:
+        pytest.skip("server not healthy")
+    prompt = list(range(600, 640))
+    assert complete(gated, "tl", prompt, 4).status_code == 200
+    run = httpx.post(
+        f"{gated}/v1/sessions/tl/tools",
+        json={"command": "python3 -c 'print(6 * 7)'", "timeout_s": 30},
+        timeout=60,
+    )
+    if run.status_code == 501:
+        pytest.skip("the tools API is off here (no bubblewrap)")
+    assert run.json()["stdout"] == "42\n"
+    last = complete(gated, "tl", [*prompt, 1, 2, 3, 4, 5], 2, is_last_step=True)
+    assert last.status_code == 200
+    # The run is the session's one tool phase (nothing inferred beside it), named by category.
+    logged = [json.loads(line) for line in files["events"].read_text().splitlines()]
+    tools = [
+        (e["event"], e["category"]) for e in logged if e["session_id"] == "tl" and "category" in e
+    ]
+    assert tools == [("tool_enqueued", "run_python"), ("tool_start", "run_python"),
+                     ("tool_end", "run_python")]  # fmt: skip
+    # Ending the session removed its workspace.
+    wait_for(
+        lambda: (
+            httpx.delete(f"{gated}/v1/sessions/tl/workspace", timeout=30).json()["deleted"] is False
+        )
+    )
+    wait_for(lambda: any(r["traj_id"].endswith("/tl") for r in load_trajectories(files["trace"])))
+    (record,) = [r for r in load_trajectories(files["trace"]) if r["traj_id"].endswith("/tl")]
+    (tool,) = [s for s in record["steps"] if s["kind"] == "tool"]
+    assert tool["category"] == "run_python" and tool["cpu_heavy"] is True

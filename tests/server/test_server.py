@@ -269,6 +269,26 @@ def _turns(base: str, sid: str, **extra: Any) -> tuple[int, int]:
     )
 
 
+def test_token_ids_returned_make_the_next_prompt_a_full_prefix_hit(server: str) -> None:
+    body = {"prompt": list(range(500, 540)), "max_tokens": 6, "min_tokens": 6}
+    body |= {"ignore_eos": True, "return_token_ids": True, "session_id": "ids"}
+    first = httpx.post(f"{server}/v1/completions", json=body, timeout=120).json()
+    ids = first["choices"][0]["token_ids"]
+    assert len(ids) == 6
+    body["prompt"] = body["prompt"] + ids + [7, 8, 9]
+    second = httpx.post(f"{server}/v1/completions", json=body, timeout=120).json()
+    # Everything but the last output token (never computed: it was sampled, not fed) is reused.
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 40 + 6 - 1
+    streamed = []
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0].get("token_ids", [])
+    assert len(streamed) == 6
+
+
 def test_is_last_step_ends_the_session(server: str) -> None:
     kept, prompt = _turns(server, "keeps")
     assert kept >= prompt - 3

@@ -270,6 +270,7 @@ class LiveEngine:
             "recomputed_tokens": self.scheduler.recomputed_tokens,
             "preemptions": self.scheduler.num_preemptions,
             "evicted_tokens": kv.evicted_tokens,
+            "evictions": kv.evictions,
             "offloads": kv.offloads,
             "restores": kv.restores,
             "host_kv_bytes": self.executor.offload_bytes,

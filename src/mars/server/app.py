@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mars.core.session import Session
 from mars.engine.live import LiveEngine, Overloaded
 from mars.server import toolcalls
 from mars.server.eventstream import EventStream
@@ -61,6 +62,7 @@ _COUNTERS = frozenset(
         "recomputed_tokens",
         "preemptions",
         "evicted_tokens",
+        "evictions",
         "offloads",
         "restores",
         "steps",
@@ -134,9 +136,11 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         eng.bus.subscribe_all(events)
         if config.recorder is not None:
             eng.session_end_hooks.append(config.recorder)
+        if config.tools is not None:  # a session that ends (any way) loses its workspace
+            eng.session_end_hooks.append(_ender(config.tools, asyncio.get_running_loop()))
         eng.start()
         state["engine"] = eng
-        reaper = asyncio.create_task(_reap_idle(eng, activity, config.idle_timeout_s))
+        reaper = asyncio.create_task(_reap_idle(end, activity, config.idle_timeout_s))
         try:
             yield
         finally:
@@ -150,7 +154,14 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
 
     app = FastAPI(title="mars", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=config.api_key)
-    app.include_router(tools_router(lambda: config.tools))
+    app.include_router(tools_router(lambda: config.tools, activity))
+
+    def end(session_id: str) -> None:
+        """End a session: its KV in the engine, its workspace and tools (a session that only
+        ran tools is unknown to the engine)."""
+        state["engine"].end_session(session_id)
+        if config.tools is not None:
+            _background(config.tools.end_session(session_id))
 
     def engine() -> LiveEngine:
         eng: LiveEngine = state["engine"]
@@ -238,7 +249,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
 
     @app.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: str) -> dict[str, Any]:
-        engine().end_session(session_id)
+        engine()
+        end(session_id)
         activity.forget(session_id)
         return {"id": session_id, "object": "session", "deleted": True}
 
@@ -256,7 +268,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         if body.stream:
             _check_queue(eng, sid)
             return sse(chat_stream(eng, body, call), call, config.keepalive_s)
-        return await _unless_gone(request, chat_full(eng, call))
+        return await _unless_gone(request, chat_full(eng, body, call))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -283,7 +295,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         if body.stream:
             _check_queue(eng, sid)
             return sse(completion_stream(eng, body, call), call, config.keepalive_s)
-        return await _unless_gone(request, completion_full(eng, call))
+        return await _unless_gone(request, completion_full(eng, body, call))
 
     return app
 
@@ -349,9 +361,30 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _reap_idle(eng: LiveEngine, activity: Activity, timeout_s: float) -> None:
+async def _reap_idle(end: Callable[[str], None], activity: Activity, timeout_s: float) -> None:
     """End sessions that have sent nothing for `timeout_s` (their KV would linger otherwise)."""
     while True:
         await asyncio.sleep(min(10.0, timeout_s / 2))
         for sid in activity.idle(timeout_s):
-            eng.end_session(sid)
+            end(sid)
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(work: Coroutine[Any, Any, Any]) -> None:
+    """Run `work` on the loop without waiting for it (kept referenced until done)."""
+    task = asyncio.ensure_future(work)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+def _ender(tools: ToolRuntime, loop: asyncio.AbstractEventLoop) -> Callable[[Session], None]:
+    """An engine session-end hook (engine thread) removing the session's workspace (loop)."""
+
+    def hook(session: Session) -> None:
+        if "#" not in session.session_id:  # sub-sessions of parallel calls share the workspace
+            sid = session.session_id
+            loop.call_soon_threadsafe(lambda: _background(tools.end_session(sid)))
+
+    return hook

@@ -29,6 +29,7 @@ class _Body(BaseModel):
     # vLLM extensions, also accepted inside `vllm_xargs`.
     min_tokens: int = 0
     ignore_eos: bool = False
+    return_token_ids: bool = False  # each choice carries the sampled token ids (as vLLM)
     vllm_xargs: dict[str, Any] | None = None
     # Session identity and MARS markers (DESIGN.md section 8).
     session_id: str | None = None

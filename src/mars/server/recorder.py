@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mars.core.session import Session
-
-CPU_HEAVY = frozenset({"test", "run_python", "build_install"})  # as the shared traces mark them
+from mars.tools.category import is_cpu_heavy
 
 
 def trajectory(session: Session, model: str) -> dict[str, Any]:
@@ -41,7 +40,7 @@ def trajectory(session: Session, model: str) -> dict[str, Any]:
                     "kind": "tool",
                     "tool_name": tool.category,
                     "category": tool.category,
-                    "cpu_heavy": tool.cpu_heavy or tool.category in CPU_HEAVY,
+                    "cpu_heavy": is_cpu_heavy(tool.category),
                     "duration_s": round(tool.end_time - tool.start_time, 6),
                 }
             )

@@ -113,13 +113,18 @@ def _finish_reason(last: Chunk, calls: list[dict[str, Any]] | None) -> str:
     return "length" if last.finish_reason == "length" else "stop"
 
 
-async def _collect(eng: LiveEngine, call: Call) -> tuple[str, Chunk]:
-    text, last = "", None
+async def _collect(eng: LiveEngine, call: Call) -> tuple[str, list[int], Chunk]:
+    text, ids, last = "", [], None
     async for chunk in _generate(eng, call):
         text += chunk.text
+        ids += chunk.token_ids
         last = chunk
     assert last is not None and last.finish_reason is not None
-    return text, last
+    return text, ids, last
+
+
+def _ids(body: ChatRequest | CompletionRequest, ids: list[int]) -> dict[str, Any]:
+    return {"token_ids": ids} if body.return_token_ids else {}
 
 
 def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
@@ -132,15 +137,15 @@ def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
     }
 
 
-async def chat_full(eng: LiveEngine, call: Call) -> dict[str, Any]:
-    text, last = await _collect(eng, call)
+async def chat_full(eng: LiveEngine, body: ChatRequest, call: Call) -> dict[str, Any]:
+    text, ids, last = await _collect(eng, call)
     # A forced call cut short by max_tokens is returned as text with finish_reason "length",
     # as OpenAI does with truncated arguments.
     content, calls = toolcalls.parse(text, call.fns) if call.fns else (text, None)
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "logprobs": None}
+    choice = {"index": 0, "message": message, "logprobs": None, **_ids(body, ids)}
     return {
         **_head("chat.completion", eng),
         "session_id": call.session_id,
@@ -149,9 +154,9 @@ async def chat_full(eng: LiveEngine, call: Call) -> dict[str, Any]:
     }
 
 
-async def completion_full(eng: LiveEngine, call: Call) -> dict[str, Any]:
-    text, last = await _collect(eng, call)
-    choice = {"index": 0, "text": text, "logprobs": None}
+async def completion_full(eng: LiveEngine, body: CompletionRequest, call: Call) -> dict[str, Any]:
+    text, ids, last = await _collect(eng, call)
+    choice = {"index": 0, "text": text, "logprobs": None, **_ids(body, ids)}
     return {
         **_head("text_completion", eng),
         "session_id": call.session_id,
@@ -192,8 +197,9 @@ async def completion_stream(
     last = None
     async for chunk in _generate(eng, call):
         last = chunk
-        if chunk.text:
-            yield {**head, "choices": [{"index": 0, "text": chunk.text, "finish_reason": None}]}
+        if chunk.text or (body.return_token_ids and chunk.token_ids):
+            choice = {"index": 0, "text": chunk.text, "finish_reason": None}
+            yield {**head, "choices": [{**choice, **_ids(body, chunk.token_ids)}]}
     assert last is not None
     reason = _finish_reason(last, None)
     yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}

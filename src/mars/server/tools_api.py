@@ -16,6 +16,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from mars.server.protocol import APIError
+from mars.server.responses import Activity
 from mars.tools.runtime import ToolCancelled, ToolInputError, ToolRuntime
 from mars.tools.sandbox import INSTALL_HINT
 
@@ -34,8 +35,11 @@ class WorkspaceSeed(BaseModel):
     seed: str  # absolute path, on the server, of a directory or .tar/.tar.gz/.tgz/.zip file
 
 
-def tools_router(get_runtime: Callable[[], ToolRuntime | None]) -> APIRouter:
-    """The routes, reading the runtime through `get_runtime` (None: tools are off)."""
+def tools_router(
+    get_runtime: Callable[[], ToolRuntime | None], activity: Activity | None = None
+) -> APIRouter:
+    """The routes, reading the runtime through `get_runtime` (None: tools are off). A session
+    running a tool is active (`activity`): the idle timeout never ends it mid-run."""
     router = APIRouter()
 
     def runtime() -> ToolRuntime:
@@ -47,12 +51,17 @@ def tools_router(get_runtime: Callable[[], ToolRuntime | None]) -> APIRouter:
     @router.post("/v1/sessions/{session_id}/tools")
     async def run_tool(session_id: str, body: ToolRun) -> dict[str, Any]:
         rt = runtime()
+        if activity is not None:
+            activity.begin(session_id)
         try:
             result = await rt.run(session_id, body.command, body.timeout_s, body.name)
         except ToolInputError as e:
             raise APIError(400, str(e), param=e.param) from None
         except ToolCancelled as e:
             raise APIError(409, str(e)) from None
+        finally:
+            if activity is not None:
+                activity.end(session_id)
         return result.to_json()
 
     @router.post("/v1/sessions/{session_id}/workspace")
