@@ -1,5 +1,5 @@
 """The `mars` command line: `mars serve`, `sim`, `capacity`, `sweep`, `bench`, `costmodel`,
-`policies`."""
+`calibrate`, `policies`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from mars.bench.live_cli import add_bench_parser, run_bench
 from mars.core.errors import UsageError
+from mars.engine.calibrate_cli import add_calibrate_parser, run_calibrate
 from mars.sched.registry import check_policy, make_policy, policy_names
 from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.server.cli import add_serve_parser, run_serve
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     add_bench_parser(sub)
     add_costmodel_parser(sub)
+    add_calibrate_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
 
@@ -48,11 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> None:
     """Options shared by every simulated experiment."""
     p.add_argument("--traces", required=True, help="trace file (JSONL, ../shared/traces format)")
-    p.add_argument("--gpu", default="h100", help=f"one of {', '.join(sorted(GPUS))}")
+    p.add_argument("--gpu", help=f"one of {', '.join(sorted(GPUS))} (default h100)")
     p.add_argument(
         "--model",
-        default="qwen3-coder-30b-a3b",
-        help=f"one of {', '.join(sorted(MODELS))}, or a model shape JSON file",
+        help=f"one of {', '.join(sorted(MODELS))}, or a model shape JSON file "
+        "(default qwen3-coder-30b-a3b)",
+    )
+    p.add_argument(
+        "--cost-model",
+        metavar="FILE.json",
+        help="a `mars calibrate` preset: step times fitted to a real engine, instead of the "
+        "--gpu/--model roofline",
     )
     p.add_argument("--tool-cores", type=positive_int, default=8, help="CPU cores for tools")
     p.add_argument(
@@ -205,11 +213,20 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
     from mars.sim.experiment import SimSpec, make_cost_model
 
     check_policy(args.policy)
+    gpu, model = args.gpu or "h100", args.model or "qwen3-coder-30b-a3b"
+    if args.cost_model is not None:
+        if args.gpu or args.model:
+            raise UsageError(
+                "--cost-model replaces the --gpu/--model roofline (the preset was fitted to one "
+                "engine); give either --cost-model FILE or --gpu/--model, not both"
+            )
+        gpu, model = "fitted", _preset_model(args.cost_model)
     spec = SimSpec(
         traces=args.traces,
         policy=args.policy,
-        gpu=args.gpu,
-        model=args.model,
+        gpu=gpu,
+        model=model,
+        cost_model_file=args.cost_model,
         tool_cores=args.tool_cores,
         sessions=args.sessions,
         seed=args.seed,
@@ -225,6 +242,12 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
     if args.json_out:
         _check_writable(args.json_out)
     return spec
+
+
+def _preset_model(path: str) -> str:
+    from mars.sim.fitted import load_preset
+
+    return str(load_preset(path).metadata.get("model_file", "calibrated"))
 
 
 def run_capacity(args: argparse.Namespace) -> int:
@@ -326,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_capacity(args)
         if args.command == "costmodel":
             return run_costmodel(args)
+        if args.command == "calibrate":
+            return run_calibrate(args)
         print("\n".join(policy_names()))
         return 0
     except UsageError as e:

@@ -143,6 +143,19 @@ class LlamaCppExecutor:
         self.offload_bytes += written - (len(old) if old else 0)
         self._host[session_id] = bytes(buf[:written])
 
+    def host_copy(self, session_id: str) -> bytes | None:
+        """The session's KV as `offloaded` saved it in host memory, or None."""
+        return self._host.get(session_id)
+
+    def put_host_copy(self, session_id: str, data: bytes) -> None:
+        """Hold `data` (a `host_copy`) as the session's offloaded KV; a plan's restore loads it.
+
+        `mars calibrate` clones one prefilled context into many sessions this way.
+        """
+        old = self._host.get(session_id)
+        self.offload_bytes += len(data) - (len(old) if old else 0)
+        self._host[session_id] = data
+
     def ended(self, session_id: str) -> None:
         self.truncated(session_id, 0)
         old = self._host.pop(session_id, None)

@@ -19,6 +19,7 @@ from mars.sched.policies.fcfs import FCFSPolicy
 from mars.sched.registry import make_policy, parameters
 from mars.sim.arrivals import arrival_times
 from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
+from mars.sim.fitted import FittedCostModel
 from mars.sim.run import Arrivals, SessionRecord, SimConfig, SimOutcome, Simulation
 from mars.sim.toolstats import ToolStats
 from mars.sim.workload import SessionSpec, WorkloadConfig, build_workload
@@ -45,6 +46,8 @@ class SimSpec:
     host_kv_gb: float = 256.0  # host memory for offloaded KV (per GPU)
     policy_settings: tuple[tuple[str, str], ...] = ()  # --set key=value overrides
     fast_forward: bool = True
+    # A `mars calibrate` preset: its fitted model replaces the gpu x model roofline.
+    cost_model_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
@@ -66,11 +69,45 @@ def load_specs(spec: SimSpec) -> list[SessionSpec]:
     return build_workload(path, config, stats)
 
 
-def make_cost_model(spec: SimSpec) -> CostModel:
+def make_cost_model(spec: SimSpec) -> CostModel | FittedCostModel:
+    """The fitted model of `spec.cost_model_file` if given, else the gpu x model roofline."""
+    if spec.cost_model_file is not None:
+        return FittedCostModel.from_file(spec.cost_model_file, spec.kv_scale)
     try:
         return CostModel(resolve_gpu(spec.gpu), resolve_model(spec.model), spec.kv_scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def kv_bytes_per_token(cost: CostModel | FittedCostModel) -> float:
+    if isinstance(cost, FittedCostModel):
+        return cost.kv_bytes_per_token
+    return float(cost.model.kv_bytes_per_token)
+
+
+def with_engine_limits(config: SimConfig, cost: StepCostModel) -> SimConfig:
+    """`config` with the step token budget and sequence slots of the engine a fitted model was
+    measured on (as `mars serve` ran it), so the simulated scheduler batches as the live one
+    does; unchanged for the roofline, which keeps vLLM's defaults."""
+    if not isinstance(cost, FittedCostModel):
+        return config
+    meta = cost.preset.metadata
+    return replace(
+        config,
+        max_num_batched_tokens=_positive(meta.get("batch_tokens"), config.max_num_batched_tokens),
+        max_num_seqs=_positive(meta.get("max_sequences"), config.max_num_seqs),
+    )
+
+
+def _positive(value: object, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return default
+
+
+def engine_name(cost: CostModel | FittedCostModel) -> str:
+    """What runs the steps: the GPU of the roofline, or the fitted preset's name."""
+    return f"fitted:{cost.name}" if isinstance(cost, FittedCostModel) else cost.gpu.name
 
 
 def ideal_times(
@@ -117,8 +154,9 @@ def run_experiment(
     config = SimConfig(
         tool_cores=spec.tool_cores,
         fast_forward=spec.fast_forward,
-        host_kv_tokens=int(spec.host_kv_gb * 1e9 / cost.model.kv_bytes_per_token),
+        host_kv_tokens=int(spec.host_kv_gb * 1e9 / max(1.0, kv_bytes_per_token(cost))),
     )
+    config = with_engine_limits(config, cost)
     if spec.rate is not None:
         if spec.arrival not in ("poisson", "fixed"):
             raise UsageError(f"unknown --arrival {spec.arrival!r}; valid: poisson, fixed")
@@ -141,7 +179,7 @@ def workload_ideals(
 ) -> dict[str, float]:
     """Ideal times of the sessions of `specs` that the system can hold at all."""
     limit = min(cost.max_model_len, cost.kv_capacity_tokens)
-    config = SimConfig(tool_cores=spec.tool_cores)
+    config = with_engine_limits(SimConfig(tool_cores=spec.tool_cores), cost)
     return ideal_times([s for s in specs if s.max_context <= limit], cost, config)
 
 
@@ -159,7 +197,7 @@ def _result(
     specs: Sequence[SessionSpec],
     out: SimOutcome,
     ideal: dict[str, float],
-    cost: CostModel,
+    cost: CostModel | FittedCostModel,
     wall_s: float,
 ) -> dict[str, Any]:
     sessions = [
@@ -204,7 +242,7 @@ def _result(
         wall_s=wall_s,
         extra={
             "gpu": {
-                "name": cost.gpu.name,
+                "name": engine_name(cost),
                 "busy_fraction": out.gpu_busy_s / span,
                 "steps": out.steps,
             },
