@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,9 +65,16 @@ def server(events_file: Path) -> Iterator[Server]:
         return
 
 
-def events_of(path: Path, session_id: str) -> Counter[str]:
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    return Counter(r["event"] for r in records if r.get("session_id") == session_id)
+def events_of(path: Path, session_id: str, until: str | None = None) -> Counter[str]:
+    """The session's events by kind; with `until`, once one of that kind is in (the server
+    publishes a session's end on its engine thread, after `DELETE` answered)."""
+    deadline = time.monotonic() + 10
+    while True:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        seen = Counter(r["event"] for r in records if r.get("session_id") == session_id)
+        if until is None or seen[until] or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.05)
 
 
 def seeded(server: Server) -> MarsEnvironment:
@@ -135,7 +143,7 @@ def test_agent_loop_reaches_mars_under_one_session(server: Server, events_file: 
     assert result["exit_status"] in ("LimitsExceeded", "Submitted", "RepeatedFormatError")
     assert all("run_s" in m["extra"] for m in ran)  # every action went through the tools API
     assert {"calc.py", "test_calc.py"} <= set(after)
-    seen = events_of(events_file, sid)
+    seen = events_of(events_file, sid, until="session_done")
     assert seen["request_emit"] == steps
     assert seen["tool_end"] == len(ran) + 1  # the agent's commands and the `ls` above
     assert seen["session_done"] == 1
