@@ -55,7 +55,7 @@ from mars.kv.manager import Retention
 from mars.sched.registry import parameters
 from mars.vllm.adapter import Markers, PoolView, SessionBook, policy_from_env
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.mars")  # under "vllm", so vLLM's log set-up shows it
 
 SUPPORTED_VLLM = ("0.32.0",)
 
@@ -191,7 +191,12 @@ class _MarsSeams(_Base):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH_CAPPED,
         )
-        mirror = self.mars.mirrors.get(request.request_id)
+        mirror = self.mars.sync(
+            request.request_id,
+            num_computed_tokens=request.num_computed_tokens,
+            num_output_tokens=request.num_output_tokens,
+            running=False,
+        )
         retention = self.mars.finished(request.request_id, aborted)
         if (
             retention is Retention.PIN
