@@ -112,14 +112,17 @@ class MarsModel(LitellmModel):
     """
 
     def __init__(self, target: MarsTarget, **kwargs: Any) -> None:
+        given: dict[str, Any] = kwargs.pop("model_kwargs", {})
         model_kwargs = {
             "api_base": target.url("/v1"),
             "api_key": target.api_key or os.environ.get("MARS_API_KEY") or "none",
-            "extra_body": {"session_id": target.session_id},
-            "extra_headers": {"X-Session-ID": target.session_id},
             "tool_choice": "required",
             "temperature": 0.0,
-        } | kwargs.pop("model_kwargs", {})
+            **given,
+            # Merged, not replaced: a caller's own extra fields keep the session id beside them.
+            "extra_body": {**given.get("extra_body", {}), "session_id": target.session_id},
+            "extra_headers": {**given.get("extra_headers", {}), "X-Session-ID": target.session_id},
+        }
         kwargs.setdefault("model_name", MODEL_NAME)
         kwargs.setdefault("cost_tracking", "ignore_errors")  # mars is not in LiteLLM's price list
         super().__init__(model_kwargs=model_kwargs, **kwargs)
