@@ -239,7 +239,7 @@ def test_tool_runs_are_the_sessions_tool_phases(gated: str, files: dict[str, Pat
     assert complete(gated, "tl", prompt, 4).status_code == 200
     run = httpx.post(
         f"{gated}/v1/sessions/tl/tools",
-        json={"command": "python3 -c 'print(6 * 7)'", "timeout_s": 30},
+        json={"command": "python3 -c 'print(6 * 7)' && touch marker", "timeout_s": 30},
         timeout=60,
     )
     if run.status_code == 501:
@@ -254,13 +254,19 @@ def test_tool_runs_are_the_sessions_tool_phases(gated: str, files: dict[str, Pat
     ]
     assert tools == [("tool_enqueued", "run_python"), ("tool_start", "run_python"),
                      ("tool_end", "run_python")]  # fmt: skip
-    # Ending the session removed its workspace.
-    wait_for(
-        lambda: (
-            httpx.delete(f"{gated}/v1/sessions/tl/workspace", timeout=30).json()["deleted"] is False
-        )
-    )
+
+    # The last step ends the LLM side; a final tool step still has the workspace, which goes
+    # when the session is deleted (or idles out).
+    def files_left() -> str:
+        r = httpx.post(f"{gated}/v1/sessions/tl/tools", json={"command": "ls"}, timeout=60)
+        return str(r.json()["stdout"])
+
+    assert files_left() == "marker\n"
+    delete(gated, "tl")
+    time.sleep(0.5)
+    assert files_left() == ""  # a fresh workspace
+    delete(gated, "tl")
     wait_for(lambda: any(r["traj_id"].endswith("/tl") for r in load_trajectories(files["trace"])))
     (record,) = [r for r in load_trajectories(files["trace"]) if r["traj_id"].endswith("/tl")]
-    (tool,) = [s for s in record["steps"] if s["kind"] == "tool"]
+    (tool,) = [s for s in record["steps"] if s["kind"] == "tool"]  # after the last call: none
     assert tool["category"] == "run_python" and tool["cpu_heavy"] is True

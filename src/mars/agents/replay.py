@@ -191,6 +191,8 @@ async def _session(
             for tool in turn.tools:
                 rec.tools.append(await _tool(client, spec.session_id, tool, config))
         rec.done_s = time.monotonic() - t0
+        if config.tools != "client":
+            await client.end_session(spec.session_id)  # its workspace, as an agent would
     except ReplayError as e:
         rec.error = str(e)
         await client.end_session(spec.session_id)

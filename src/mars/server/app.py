@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mars.core.session import Session
 from mars.engine.live import LiveEngine, Overloaded
 from mars.server import toolcalls
 from mars.server.eventstream import EventStream
@@ -136,8 +135,6 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         eng.bus.subscribe_all(events)
         if config.recorder is not None:
             eng.session_end_hooks.append(config.recorder)
-        if config.tools is not None:  # a session that ends (any way) loses its workspace
-            eng.session_end_hooks.append(_ender(config.tools, asyncio.get_running_loop()))
         eng.start()
         state["engine"] = eng
         reaper = asyncio.create_task(_reap_idle(end, activity, config.idle_timeout_s))
@@ -377,14 +374,3 @@ def _background(work: Coroutine[Any, Any, Any]) -> None:
     task = asyncio.ensure_future(work)
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
-
-
-def _ender(tools: ToolRuntime, loop: asyncio.AbstractEventLoop) -> Callable[[Session], None]:
-    """An engine session-end hook (engine thread) removing the session's workspace (loop)."""
-
-    def hook(session: Session) -> None:
-        if "#" not in session.session_id:  # sub-sessions of parallel calls share the workspace
-            sid = session.session_id
-            loop.call_soon_threadsafe(lambda: _background(tools.end_session(sid)))
-
-    return hook

@@ -88,9 +88,9 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
         if call.activity is not None:
             call.activity.end(call.session_id)
         if call.last_step:
+            # The LLM side ends now; the idle timeout (or DELETE) still ends the rest, such as
+            # the workspace of a final tool step.
             eng.end_session(call.session_id)
-            if call.activity is not None:
-                call.activity.forget(call.session_id)
 
 
 def overloaded(e: Overloaded) -> APIError:
