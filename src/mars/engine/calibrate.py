@@ -27,6 +27,8 @@ from mars.sim.fitted import Coefficients, Measurement, Preset, fit_coefficients,
 # (and by more than OUTLIER_FLOOR): far off the plane that fits every other shape.
 OUTLIER_FACTOR = 4.0
 OUTLIER_FLOOR = 0.15
+# Repeats of one shape this far apart (slowest / fastest) mean other work shared the CPUs.
+NOISY_SPREAD = 1.5
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ def calibrate(
     """Measure every shape of `settings.grid` that fits, fit, and return the preset and notes
     for the reader (shapes skipped or measured again, and why). `progress` is called once per
     unit of `units()`, and once per shape measured again."""
+    load_before = os.getloadavg()[0]
     max_len = min(model.n_ctx_train, settings.kv_tokens)
     tick = progress or (lambda _label: None)
     shapes: list[tuple[str, Batch]] = []
@@ -160,6 +163,8 @@ def calibrate(
     info = {**machine_info(), **(metadata or {})}
     info.update(threads=settings.threads, repeats=settings.repeats, model_file=model.path.name)
     info.update(batch_tokens=settings.batch_tokens, max_sequences=settings.max_sequences)
+    info.update(load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+    notes += _noise_warning(measured, info)
     preset = Preset(
         coefficients=coefficients,
         restore_s_per_token=per_token(restores),
@@ -179,6 +184,19 @@ def _outliers(coefficients: Coefficients, measured: list[Measurement]) -> list[i
     errors = [abs(coefficients.seconds(*m.totals()) / m.seconds - 1) for m in measured]
     bound = max(OUTLIER_FACTOR * statistics.median(errors), OUTLIER_FLOOR)
     return [i for i, e in enumerate(errors) if e > bound]
+
+
+def _noise_warning(measured: list[Measurement], info: dict[str, Any]) -> list[str]:
+    noisy = [m for m in measured if m.samples and max(m.samples) > NOISY_SPREAD * min(m.samples)]
+    if len(noisy) * 4 < len(measured):
+        return []
+    before, after = info["load_average"]
+    return [
+        f"warning: {len(noisy)} of {len(measured)} shapes varied by more than {NOISY_SPREAD}x "
+        f"between repeats: other work competed for the CPUs (load average {before} before, "
+        f"{after} after, {info['cpus_allowed']} CPUs, {info['threads']} engine threads); "
+        "re-run on a quiet machine, or with --threads below the number of free CPUs"
+    ]
 
 
 def units(settings: CalibrationSettings) -> int:

@@ -145,7 +145,8 @@ def format_report(preset: Preset, notes: list[str]) -> str:
         f"threads {meta.get('threads')} | engine CPUs {meta.get('engine_cpus')} | tool load "
         f"{meta.get('tool_load')} on CPUs {meta.get('tool_cpus')} | kv {preset.kv_capacity_tokens}"
         f" tokens | batch {meta.get('batch_tokens')} tokens | {meta.get('repeats')} repeats "
-        f"| {meta.get('date')} | took {meta.get('calibration_s')} s",
+        f"| {meta.get('date')} | took {meta.get('calibration_s')} s | load average before, "
+        f"after {meta.get('load_average')}",
         "",
         f"{'shape':<34} {'measured ms':>12} {'min-max ms':>17} {'predicted ms':>13} {'error':>8}",
     ]
