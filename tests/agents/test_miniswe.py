@@ -51,7 +51,7 @@ def events_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(events_file: Path) -> Iterator[Server]:
     """A server with the tools API, sandboxed where bubblewrap can start a sandbox."""
-    options = ("--tool-workers", "1", "--events", str(events_file))
+    options = ("--tool-workers", "1", "--events", str(events_file), "--seed-root", str(REPO))
     for sandboxed in (shutil.which("bwrap") is not None, False):
         started = serve(*options, *([] if sandboxed else ["--unsafe-tools"]))
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,7 +38,8 @@ def make_app(runtime: ToolRuntime | None) -> FastAPI:
 
 @pytest.fixture()
 def client() -> Iterator[TestClient]:
-    with TestClient(make_app(ToolRuntime(ToolConfig(workers=2)))) as c:
+    seeds = (Path(tempfile.gettempdir()),)  # where tmp_path lives
+    with TestClient(make_app(ToolRuntime(ToolConfig(workers=2, seed_roots=seeds)))) as c:
         yield c
 
 
@@ -68,9 +70,13 @@ def test_bad_requests_get_a_clear_4xx(client: TestClient, tmp_path: Path) -> Non
         assert r.json()["error"]["param"] == param
     typo = client.post("/v1/sessions/s/tools", json={"command": "ls", "timeout": 5})
     assert typo.status_code == 422  # the real app answers its validation errors as 400
-    for seed, words in (("relative/dir", "absolute path"), ("/no/such/dir", "no such file")):
+    missing = str(Path(tempfile.gettempdir()) / "no-such-seed")
+    for seed, words in (("relative/dir", "absolute path"), (missing, "no such file")):
         r = client.post("/v1/sessions/s/workspace", json={"seed": seed})
         assert r.status_code == 400 and words in r.json()["error"]["message"]
+    # Only paths under a --seed-root may be copied in: not the server's own files.
+    r = client.post("/v1/sessions/s/workspace", json={"seed": "/etc"})
+    assert r.status_code == 403 and "--seed-root" in r.json()["error"]["message"]
     (tmp_path / "evil.tar").write_bytes(b"")
     with tarfile.open(tmp_path / "evil.tar", "w") as tf:
         tf.addfile(tarfile.TarInfo("../x"))

@@ -70,6 +70,15 @@ def tools_router(
         source = Path(body.seed)
         if not source.is_absolute():
             raise APIError(400, f"seed must be an absolute path, got {body.seed!r}", param="seed")
+        if not rt.config.may_seed_from(source):
+            roots = ", ".join(str(r) for r in rt.config.seed_roots) or "none"
+            raise APIError(
+                403,
+                f"seeding from {body.seed!r} is not allowed (seed roots: {roots}); start "
+                "`mars serve --seed-root DIR` with a directory that holds the seeds",
+                param="seed",
+                code="seed_not_allowed",
+            )
         if not source.exists():
             raise APIError(
                 400, f"seed {body.seed!r}: no such file or directory on the server", param="seed"

@@ -39,6 +39,14 @@ def add_tool_args(p: argparse.ArgumentParser) -> None:
         help="where session workspaces live (default: a temporary directory, removed at exit)",
     )
     g.add_argument(
+        "--seed-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="workspaces may be seeded from paths under DIR (repeatable; default: no seeding)",
+    )
+    g.add_argument(
         "--unsafe-tools",
         action="store_true",
         help="run tools as plain processes, without bubblewrap (no isolation beyond the uid)",
@@ -54,11 +62,15 @@ def tool_config(args: argparse.Namespace) -> ToolConfig | None:
     if root is not None and not os.access(root if root.exists() else root.parent, os.W_OK):
         raise UsageError(f"--workspace-root {root}: not writable (give a directory you can write)")
     if not args.unsafe_tools and shutil.which("bwrap") is None:
-        if any(v is not None for v in (args.tool_workers, args.tool_cpus, root)):
+        if any(v is not None for v in (args.tool_workers, args.tool_cpus, root)) or args.seed_root:
             raise UsageError(f"the tool options need bubblewrap: {INSTALL_HINT}")
         return None
+    for seed_root in args.seed_root:
+        if not seed_root.is_dir():
+            raise UsageError(f"--seed-root {seed_root}: not a directory")
     limits = Limits(memory_bytes=args.tool_memory_mb << 20)
-    return ToolConfig(args.tool_workers, cpus, limits, args.unsafe_tools, root)
+    seeds = tuple(args.seed_root)
+    return ToolConfig(args.tool_workers, cpus, limits, args.unsafe_tools, root, seed_roots=seeds)
 
 
 def start_tools(

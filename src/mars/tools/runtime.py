@@ -50,6 +50,13 @@ class ToolConfig:
     unsafe: bool = False  # plain processes, no bubblewrap (`--unsafe-tools`)
     workspace_root: Path | None = None  # None: a temporary directory, removed by close()
     max_timeout_s: float = MAX_TIMEOUT_S
+    # Where workspaces may be seeded from (`--seed-root`); none: seeding is off, so API clients
+    # cannot copy arbitrary server files into a workspace they can read.
+    seed_roots: tuple[Path, ...] = ()
+
+    def may_seed_from(self, source: Path) -> bool:
+        real = source.resolve()
+        return any(real.is_relative_to(root.resolve()) for root in self.seed_roots)
 
     def worker_count(self) -> int:
         return self.workers or (len(self.cpus) if self.cpus else os.cpu_count() or 1)
