@@ -31,8 +31,10 @@ from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor, StepFailed
 from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
 from mars.engine.sampling import SamplingParams
+from mars.engine.timer import OnlineStepTimer
 from mars.kv.manager import KVConfig, KVManager
 from mars.sched.plan import StepPlan, StepResult
+from mars.sched.policy import StepTimer
 from mars.sched.registry import make_policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
 
@@ -98,7 +100,8 @@ class _Pending:
     params: SamplingParams
     stream: _Stream
     arrival: float
-    tool_name: str | None
+    tool_name: str | None  # the tool the agent ran before this call (a marker), if named
+    next_tool: str | None  # the tool its answer leads to: a marker, "unknown", None = the end
 
 
 class LiveEngine:
@@ -112,6 +115,7 @@ class LiveEngine:
         limits: AdmissionLimits | None = None,
         tool_workers: int | None = None,
         settings: Mapping[str, object] | None = None,
+        timer: StepTimer | None = None,
     ) -> None:
         self.model = model
         self.clock = WallClock()
@@ -125,6 +129,11 @@ class LiveEngine:
             listener=self.executor,
         )
         self.sessions: dict[str, Session] = {}
+        # What policies ask a recompute or a restore would cost: a calibration preset, or a
+        # model learned from this engine's own steps.
+        self.online_timer = OnlineStepTimer() if timer is None else None
+        if self.online_timer is not None:
+            self.executor.on_copy = self.online_timer.observe_copy
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.batch_tokens, cfg.max_sequences),
             make_policy(policy, settings),
@@ -132,8 +141,13 @@ class LiveEngine:
             self.clock,
             self.bus,
             self.sessions,
+            timer=timer or self.online_timer,
             tool_workers=tool_workers,
         )
+        # The tool a finished call's output leads to: the agent's `this_func_call` marker, else
+        # unknown (policies then use what they learned of all tools); None ends the session.
+        self._next_tool: dict[str, str | None] = {}
+        self.scheduler.on_output_done = self._reveal_tool
         self.limits = limits or AdmissionLimits()
         # The control plane: a new session's calls wait here (held) until the policy admits it.
         self.admission = AdmissionQueue(self.scheduler.policy, self.clock, self.bus, self._admitted)
@@ -189,6 +203,7 @@ class LiveEngine:
         prompt: list[int],
         params: SamplingParams,
         tool_name: str | None = None,
+        next_tool: str | None = "unknown",
     ) -> AsyncIterator[Chunk]:
         """Stream a request's output; closing the iterator early aborts the request."""
         if not prompt:
@@ -207,7 +222,7 @@ class LiveEngine:
         # The stream's request is a placeholder until the engine thread builds the real one.
         placeholder = Request(rid, session_id, len(prompt), params.max_tokens, 0, arrival)
         stream = _Stream(placeholder, params, loop, queue, Detokenizer(self.model))
-        pending = _Pending(rid, prompt, params, stream, arrival, tool_name)
+        pending = _Pending(rid, prompt, params, stream, arrival, tool_name, next_tool)
         self._post(lambda: self._arrive(session_id, pending))
         finished = False
         try:
@@ -274,6 +289,7 @@ class LiveEngine:
             "offloads": kv.offloads,
             "restores": kv.restores,
             "host_kv_bytes": self.executor.offload_bytes,
+            "restore_fallbacks": self.executor.restore_fallbacks,
             "steps": self.core.steps,
             "generated_tokens": self.generated_tokens,
             "failed_steps": self.failed_steps,
@@ -373,8 +389,12 @@ class LiveEngine:
             )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
+        self._next_tool[call.rid] = call.next_tool
         self._streams[call.rid] = stream
         self.scheduler.add_request(req)
+
+    def _reveal_tool(self, req: Request) -> None:
+        req.next_tool = self._next_tool.pop(req.request_id, "unknown")
 
     def _tool_event(self, event: Event) -> None:
         session = self.sessions.get(event.session_id)
@@ -392,6 +412,7 @@ class LiveEngine:
 
     def _abort(self, rid: str) -> None:
         self.scheduler.abort(rid)
+        self._next_tool.pop(rid, None)
         stream = self._streams.pop(rid, None)
         self.executor.release(rid)
         for sid, calls in list(self._held.items()):  # a client that left while queued
@@ -475,6 +496,8 @@ class LiveEngine:
         if outcome is None:
             self._wake.wait(0.01)
             return
+        if self.online_timer is not None:
+            self.online_timer.observe(outcome.plan, outcome.execute_s)
         for req in outcome.finished:
             self._finish(req)
         if outcome.finished and len(self.admission):

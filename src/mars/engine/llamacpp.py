@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llama_cpp as L
@@ -97,6 +99,10 @@ class LlamaCppExecutor:
         self._samplers: dict[str, _Sampler] = {}
         self._eog = model.eog_ids
         self.offload_bytes = 0
+        self.restore_fallbacks = 0  # restores done by recompute (no contiguous free cells)
+        # Told (tokens, seconds) of every host-to-cache copy: the live step-time model learns
+        # restore costs from it.
+        self.on_copy: Callable[[int, float], None] | None = None
         self.busy_s = 0.0
 
     # ---- requests ---------------------------------------------------------------------------
@@ -141,7 +147,7 @@ class LlamaCppExecutor:
         written = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
         old = self._host.get(session_id)
         self.offload_bytes += written - (len(old) if old else 0)
-        self._host[session_id] = bytes(buf[:written])
+        self._host[session_id] = ctypes.string_at(buf, written)
 
     def host_copy(self, session_id: str) -> bytes | None:
         """The session's KV as `offloaded` saved it in host memory, or None."""
@@ -172,17 +178,51 @@ class LlamaCppExecutor:
         return seq
 
     def _restore(self, req: Request, tokens: int) -> None:
+        t0 = time.perf_counter()
         seq = self._slot(req.session_id)
         data = self._host[req.session_id]
         L.llama_memory_seq_rm(self.mem, seq, -1, -1)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
-            raise RuntimeError(f"restoring the KV of session {req.session_id} failed")
+            L.llama_kv_self_defrag(self.ctx)  # compact the free cells into one run, then retry
+            L.llama_kv_self_update(self.ctx)
+            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        if L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
+            # llama.cpp loads a sequence into one contiguous run of free cells; when the free
+            # cells are fragmented there is none. Compute the same tokens instead: slower,
+            # exactly the same KV, and the engine goes on.
+            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            self._recompute(req, seq, req.num_computed_tokens)
+            self.restore_fallbacks += 1
+            return
         L.llama_memory_seq_rm(self.mem, seq, req.num_computed_tokens, -1)
+        if self.on_copy is not None:
+            self.on_copy(tokens, time.perf_counter() - t0)
+
+    def _recompute(self, req: Request, seq: int, num_tokens: int) -> None:
+        """Prefill positions [0, num_tokens) of the request's sequence, in batch-sized chunks."""
+        prompt = self._prompts[req.request_id]
+        batch = self._batch
+        for start in range(0, num_tokens, self.config.batch_tokens):
+            batch.n_tokens = 0
+            for pos in range(start, min(num_tokens, start + self.config.batch_tokens)):
+                i = batch.n_tokens
+                batch.token[i] = prompt[pos]
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = False
+                batch.n_tokens += 1
+            rc = L.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"recomputing the KV of session {req.session_id}: {rc}")
 
     def execute(self, plan: StepPlan) -> StepResult:
-        for req, tokens in plan.restores:
-            self._restore(req, tokens)
+        try:
+            for req, tokens in plan.restores:
+                self._restore(req, tokens)
+        except RuntimeError as e:
+            raise StepFailed(plan, str(e)) from None
         batch = self._batch
         batch.n_tokens = 0
         sample_at: list[int] = []  # batch index of each request's logits, -1 if none

@@ -79,7 +79,7 @@ class Scheduler:
         if self.bus.wants(RequestEmit):
             self.bus.publish(
                 RequestEmit(
-                    self.clock.now(),
+                    req.arrival_time,
                     req.session_id,
                     req.request_id,
                     req.num_prompt_tokens,
@@ -232,14 +232,7 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         req.status = status
         req.finish_time = now
-        session = self.sessions.get(req.session_id)
-        if session is not None and status is not RequestStatus.FINISHED_ABORTED:
-            if self.on_output_done is not None:
-                self.on_output_done(req)
-            self.kv.finish(req, self.policy.retention(session, req))
-        else:
-            self.kv.free(req)
-        if self.bus.wants(GpuEnd):
+        if self.bus.wants(GpuEnd):  # before what happens to its KV (kv_retain, ...)
             self.bus.publish(
                 GpuEnd(
                     now,
@@ -249,6 +242,13 @@ class Scheduler:
                     status is RequestStatus.FINISHED_ABORTED,
                 )
             )
+        session = self.sessions.get(req.session_id)
+        if session is not None and status is not RequestStatus.FINISHED_ABORTED:
+            if self.on_output_done is not None:
+                self.on_output_done(req)
+            self.kv.finish(req, self.policy.retention(session, req))
+        else:
+            self.kv.free(req)
 
     def abort(self, request_id: str) -> Request | None:
         """Cancel a request wherever it is (client gone); its KV is freed. None if unknown."""

@@ -64,6 +64,7 @@ _COUNTERS = frozenset(
         "evictions",
         "offloads",
         "restores",
+        "restore_fallbacks",
         "steps",
         "generated_tokens",
         "failed_steps",
@@ -327,8 +328,9 @@ def _call(
     fns: dict[str, Any],
 ) -> Call:
     params = sampling_params(body, len(prompt), eng.max_context, max_completion, grammar)
-    _, last_tool = func_calls(body, request.headers)
-    return Call(sid, prompt, params, is_last_step(body, request.headers), last_tool, fns)
+    this_tool, last_tool = func_calls(body, request.headers)
+    last = is_last_step(body, request.headers)
+    return Call(sid, prompt, params, last, last_tool, this_tool, fns)
 
 
 async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Response:

@@ -80,6 +80,11 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
         default=10.0,
         help="seconds between SSE keep-alive comments while a stream waits",
     )
+    p.add_argument(
+        "--cost-model",
+        metavar="FILE",
+        help="step-time model for policies (a `mars calibrate` preset); default: learned online",
+    )
     p.add_argument("--events", type=Path, help="append every event as a JSON line to FILE")
     p.add_argument(
         "--record-trace",
@@ -117,6 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from mars.server.app import ServerConfig, create_app
         from mars.server.eventstream import EventStream
         from mars.server.recorder import TraceRecorder
+        from mars.sim.fitted import FittedCostModel
     except ImportError as e:
         raise UsageError(f"{e.name} is not installed: run ./scripts/setup.sh") from None
     try:
@@ -133,6 +139,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     limits = AdmissionLimits(args.max_queued, args.queue_timeout)
+    timer = FittedCostModel.from_file(args.cost_model) if args.cost_model else None
     # Load the model here, not in the app's startup, so a bad file or size is one clear error.
     try:
         engine = LiveEngine(
@@ -143,6 +150,7 @@ def run_serve(args: argparse.Namespace) -> int:
             limits=limits,
             settings=settings,
             tool_workers=tools_config.worker_count() if tools_config else None,
+            timer=timer,
         )
     except (ValueError, RuntimeError, OSError) as e:
         raise UsageError(f"{e} (check --model and --kv-tokens)") from None

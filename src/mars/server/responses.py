@@ -60,6 +60,7 @@ class Call:
     params: SamplingParams
     last_step: bool  # end the session after this turn
     last_tool: str | None  # the tool the agent ran since its previous call (a marker)
+    this_tool: str | None  # the tool this call's answer leads to (a marker)
     fns: dict[str, Any]  # functions a reply may call (empty: plain text)
     activity: Activity | None = None  # told when the request starts and ends
 
@@ -68,8 +69,9 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
     if call.activity is not None:
         call.activity.begin(call.session_id)
     try:
+        next_tool = None if call.last_step else (call.this_tool or "unknown")
         async for chunk in eng.generate(
-            call.session_id, call.prompt, call.params, tool_name=call.last_tool
+            call.session_id, call.prompt, call.params, call.last_tool, next_tool
         ):
             if chunk.finish_reason == "abort":
                 raise APIError(
