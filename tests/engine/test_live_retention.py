@@ -17,8 +17,8 @@ pytest.importorskip(
 httpx = pytest.importorskip("httpx", reason="httpx is a dev dependency: pip install -e .[dev]")
 
 from factories import make_request  # noqa: E402
-from mars.engine.timer import OnlineStepTimer  # noqa: E402
 from mars.sched.plan import StepPlan  # noqa: E402
+from mars.sched.timer import OnlineStepTimer  # noqa: E402
 from serving import serve  # noqa: E402
 
 TIGHT = ("--kv-tokens", "1024", "--batch-tokens", "256")

@@ -31,12 +31,12 @@ from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor, StepFailed
 from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
 from mars.engine.sampling import SamplingParams
-from mars.engine.timer import OnlineStepTimer
 from mars.kv.manager import KVConfig, KVManager
 from mars.sched.plan import StepPlan, StepResult
 from mars.sched.policy import StepTimer
 from mars.sched.registry import make_policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
+from mars.sched.timer import OnlineStepTimer
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.kv.manager import KVConfig, KVManager, Retention
 from mars.sched.policy import Policy, PolicyContext
 from mars.sched.registry import make_policy
+from mars.sched.timer import OnlineStepTimer
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -106,36 +107,6 @@ class PoolView:
         self._unpin(session_id)
 
 
-class OnlineStepTimer:
-    """A step-time model learned from the engine's steps: a fixed cost per step plus a cost per
-    scheduled token, each an exponential moving average (the policies' `StepTimer`)."""
-
-    def __init__(self, alpha: float = 0.1) -> None:
-        self.alpha = alpha
-        self.per_token_s = 0.0
-        self.per_step_s = 0.0
-        self.steps = 0
-
-    def observe(self, seconds: float, num_tokens: int) -> None:
-        if num_tokens < 1 or seconds <= 0:
-            return
-        self.steps += 1
-        a = 1.0 if self.steps == 1 else self.alpha
-        if num_tokens <= 4:  # a decode step: mostly fixed cost
-            self.per_step_s += a * (seconds - self.per_step_s)
-        else:
-            per_token = max(0.0, seconds - self.per_step_s) / num_tokens
-            self.per_token_s += a * (per_token - self.per_token_s)
-
-    def step_seconds(
-        self, num_seqs: int, new_tokens: int, attn_pairs: int, kv_read_tokens: int
-    ) -> float:
-        return self.per_step_s + self.per_token_s * new_tokens
-
-    def transfer_seconds(self, num_tokens: int) -> float:
-        return float("inf")  # no host tier in the plug-in
-
-
 class SessionBook:
     """The policy's view of vLLM's requests: mirrors, sessions, and the decisions asked of it."""
 
@@ -150,7 +121,7 @@ class SessionBook:
     ) -> None:
         self.policy, self.clock, self.kv = policy, clock, kv
         self.bus = bus or EventBus()
-        self.timer = OnlineStepTimer()
+        self.timer = OnlineStepTimer(host_copies=False)  # no host tier in vLLM
         self.sessions: dict[str, Session] = {}
         self.mirrors: dict[str, Request] = {}
         self.markers: dict[str, Markers] = {}

@@ -182,7 +182,7 @@ class _MarsSeams(_Base):
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         if self._mars_step is not None:
             started, tokens = self._mars_step
-            self.mars.timer.observe(time.monotonic() - started, tokens)
+            self.mars.timer.observe_step(time.monotonic() - started, tokens)
             self._mars_step = None
         return super().update_from_output(scheduler_output, model_runner_output)
 

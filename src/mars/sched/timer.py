@@ -1,4 +1,5 @@
-"""The live engine's step-time model, learned from its own steps (no calibration file needed).
+"""A live engine's step-time model, learned from its own steps (no calibration file needed);
+the embedded llama.cpp engine and the vLLM plug-in both use it.
 
 Policies that weigh recompute against memory (MARS's retention, InferCept's waste) ask a
 `StepTimer` what a prefill or a host-to-device copy would cost. In the simulator that is the cost
@@ -19,8 +20,9 @@ _PRIOR_A, _PRIOR_B, _PRIOR_COPY = 0.025, 1 / 300, 1.5e-6
 
 
 class OnlineStepTimer:
-    def __init__(self, forget: float = 0.99) -> None:
+    def __init__(self, forget: float = 0.99, host_copies: bool = True) -> None:
         self.forget = forget
+        self.host_copies = host_copies  # False: no host tier (vLLM), a restore never pays
         # Decayed sums of the regression of step seconds on new tokens, seeded with a prior
         # worth a few steps so the first estimates are sane.
         self._n, self._x, self._y, self._xx, self._xy = 0.0, 0.0, 0.0, 0.0, 0.0
@@ -39,7 +41,11 @@ class OnlineStepTimer:
     def observe(self, plan: StepPlan, execute_s: float) -> None:
         """One executed step; steps with restores are left out (the copy is not compute)."""
         if not plan.restores:
-            self._add(float(plan.total_tokens), execute_s)
+            self.observe_step(execute_s, plan.total_tokens)
+
+    def observe_step(self, seconds: float, num_tokens: int) -> None:
+        if num_tokens >= 1 and seconds > 0:
+            self._add(float(num_tokens), seconds)
 
     def observe_copy(self, num_tokens: int, seconds: float) -> None:
         self._copy_s = self._copy_s * self.forget + seconds
@@ -61,4 +67,6 @@ class OnlineStepTimer:
         return a + b * new_tokens
 
     def transfer_seconds(self, num_tokens: int) -> float:
+        if not self.host_copies:
+            return float("inf")
         return num_tokens * self._copy_s / max(self._copy_tokens, 1.0)
