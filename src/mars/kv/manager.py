@@ -48,6 +48,7 @@ class KVBlocks:
         "held",
         "host_tokens",
         "num_tokens",
+        "offload_on_evict",
         "pinned",
         "request_id",
         "session_id",
@@ -63,6 +64,7 @@ class KVBlocks:
         self.finished = True  # that request finished (its sequence is the session's latest)
         self.base_reuse = 0  # that request's reuse_tokens (its prefix shared with the latest)
         self.host_tokens = 0
+        self.offload_on_evict = False  # copy to host memory before the first block is evicted
 
     @property
     def num_blocks(self) -> int:
@@ -130,6 +132,11 @@ class KVManager:
         if chain.blocks:
             return Residency.CACHED
         return Residency.HOST if chain.host_tokens else Residency.DROPPED
+
+    def offload_pending(self, session_id: str) -> bool:
+        """True if the session's cached KV goes to host memory once it is evicted."""
+        chain = self._chains.get(session_id)
+        return chain is not None and chain.offload_on_evict
 
     def cached_tokens(self, session_id: str) -> int:
         chain = self._chains.get(session_id)
@@ -224,6 +231,7 @@ class KVManager:
             self.listener.truncated(req.session_id, keep * self.block_size)
         del chain.blocks[keep:]
         chain.held, chain.pinned, chain.request_id = True, False, req.request_id
+        chain.offload_on_evict = False
         chain.finished, chain.base_reuse = False, req.reuse_tokens
         chain.num_tokens = hit.gpu_tokens
         restored = 0
@@ -266,8 +274,10 @@ class KVManager:
             self._retains += 1
             self._emit(KvRetain, chain.session_id, tokens)
             return
-        if retention is Retention.OFFLOAD:
-            self.offload(chain.session_id, tokens)
+        # OFFLOAD is write-back: the chain stays cached on the GPU and is copied to host memory
+        # only when its first block is about to be evicted, so a session whose KV nobody needs
+        # during its tool call never pays the copy.
+        chain.offload_on_evict = retention is Retention.OFFLOAD
         self._release(chain, tokens)
 
     def offload(self, session_id: str, tokens: int) -> bool:
@@ -345,6 +355,9 @@ class KVManager:
 
     def _evict(self, chain: Chain, n: int) -> None:
         assert isinstance(chain, KVBlocks)
+        if chain.offload_on_evict:
+            chain.offload_on_evict = False
+            self.offload(chain.session_id, chain.num_tokens)
         del chain.blocks[len(chain.blocks) - n :]
         tokens = n * self.block_size
         chain.num_tokens -= tokens

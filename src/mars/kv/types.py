@@ -12,7 +12,7 @@ class Retention(enum.IntEnum):
 
     DROP = 0  # free the blocks; they stay reusable as prefix cache until evicted (vLLM default)
     PIN = 1  # keep the blocks held on the GPU through the tool phase
-    OFFLOAD = 2  # copy to host memory, then free the GPU blocks as with DROP
+    OFFLOAD = 2  # free the blocks as with DROP, copied to host memory before they are evicted
 
 
 class Residency(enum.IntEnum):
