@@ -37,7 +37,7 @@ def _resume_cached(base: str) -> int:
     a = [1000 + i for i in range(600)]
     first = _complete(base, "A", a)
     ids = first["choices"][0]["token_ids"]  # type: ignore[index]
-    _complete(base, "B", [5000 + i for i in range(600)])  # needs A's blocks
+    _complete(base, "B", [5000 + i for i in range(900)])  # needs most of A's blocks
     second = _complete(base, "A", [*a, *ids, 7, 8, 9])
     return int(second["usage"]["prompt_tokens_details"]["cached_tokens"])  # type: ignore[index]
 
@@ -55,7 +55,7 @@ def mars() -> Iterator[str]:
 def test_mars_resumes_warm_where_fcfs_recomputes(fcfs: str, mars: str) -> None:
     cold = _resume_cached(fcfs)
     warm = _resume_cached(mars)
-    assert cold < 500, cold  # B took the tail of the prefix (LRU evicts tail first)
+    assert cold < 200, cold  # B took most of the prefix (LRU evicts tail first)
     assert warm >= 600, warm  # offloaded at the tool call, restored on return
     stats = httpx.get(f"{mars}/v1/kv_cache_stats", timeout=30).json()
     assert stats["offloads"] >= 1 and stats["restores"] >= 1, stats

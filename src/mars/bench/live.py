@@ -48,6 +48,11 @@ COUNTERS = (
     "offloads",
     "restores",
     "generated_tokens",
+    "steps",
+    "step_s",
+    "sched_s",
+    "copy_s",
+    "restore_fallbacks",
 )
 
 
@@ -279,6 +284,9 @@ class LiveBench:
             "capacity_tokens": after.get("kv_tokens"),
             "mean_usage": statistics.fmean(u for _, u in usage) if usage else 0.0,
         }
+        # Where the engine's time went: compute steps, scheduling, KV copies to/from host.
+        names = ("steps", "step_s", "sched_s", "copy_s", "restore_fallbacks")
+        engine = {k: delta[k] for k in names if k in delta}
         tools = [t for r in recs for t in r.tools]
         heavy = [t for t in tools if t.cpu_heavy and t.nominal_s > 0]
         cores = self.plan.tool_cores
@@ -330,15 +338,16 @@ class LiveBench:
                 "retries": sum(t.retries for r in recs for t in r.turns),
                 "server_log": str(log),
                 "kv_usage_over_time": usage,
+                "engine": engine,
             },
         )
         result["unstable"] = unstable(result) if config.rate is not None else False
         return result
 
 
-def _num(stats: dict[str, Any], key: str) -> int:
+def _num(stats: dict[str, Any], key: str) -> float:
     value = stats.get(key)
-    return int(value) if isinstance(value, int | float) else 0
+    return value if isinstance(value, int | float) else 0
 
 
 def _fields(obj: Any) -> str:

@@ -290,6 +290,7 @@ class LiveEngine:
             "restores": kv.restores,
             "host_kv_bytes": self.executor.offload_bytes,
             "restore_fallbacks": self.executor.restore_fallbacks,
+            "copy_s": self.executor.copy_s,  # offloads and restores (inside step_s for restores)
             "steps": self.core.steps,
             "generated_tokens": self.generated_tokens,
             "failed_steps": self.failed_steps,

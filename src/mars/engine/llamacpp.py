@@ -24,6 +24,10 @@ from mars.engine.model import Model
 from mars.engine.sampling import SamplingParams
 from mars.sched.plan import StepPlan, StepResult
 
+# A missing tail at most this long is computed, not loaded: loading a host copy moves the whole
+# sequence (~23 KiB a token with SmolLM2), computing a few tokens is cheaper.
+RECOMPUTE_TAIL = 32
+
 
 @dataclass(frozen=True)
 class ExecutorConfig:
@@ -100,6 +104,7 @@ class LlamaCppExecutor:
         self._eog = model.eog_ids
         self.offload_bytes = 0
         self.restore_fallbacks = 0  # restores done by recompute (no contiguous free cells)
+        self.copy_s = 0.0  # seconds spent copying KV to and from host memory
         # Told (tokens, seconds) of every host-to-cache copy: the live step-time model learns
         # restore costs from it.
         self.on_copy: Callable[[int, float], None] | None = None
@@ -142,12 +147,14 @@ class LlamaCppExecutor:
         seq = self._seq.get(session_id)
         if seq is None:
             return
+        t0 = time.perf_counter()
         size = L.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
         written = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
         old = self._host.get(session_id)
         self.offload_bytes += written - (len(old) if old else 0)
         self._host[session_id] = ctypes.string_at(buf, written)
+        self.copy_s += time.perf_counter() - t0
 
     def host_copy(self, session_id: str) -> bytes | None:
         """The session's KV as `offloaded` saved it in host memory, or None."""
@@ -178,34 +185,68 @@ class LlamaCppExecutor:
         return seq
 
     def _restore(self, req: Request, tokens: int) -> None:
+        """Bring the session's host copy back so that its sequence holds `req`'s computed tokens
+        (`tokens` of them come from the host; the rest are still on the GPU)."""
         t0 = time.perf_counter()
         seq = self._slot(req.session_id)
-        data = self._host[req.session_id]
-        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
-            L.llama_kv_self_defrag(self.ctx)  # compact the free cells into one run, then retry
-            L.llama_kv_self_update(self.ctx)
-            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        if L.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
-            # llama.cpp loads a sequence into one contiguous run of free cells; when the free
-            # cells are fragmented there is none. Compute the same tokens instead: slower,
-            # exactly the same KV, and the engine goes on.
-            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-            self._recompute(req, seq, req.num_computed_tokens)
-            self.restore_fallbacks += 1
+        target, kept = req.num_computed_tokens, req.num_computed_tokens - tokens
+        if kept > 0 and tokens <= RECOMPUTE_TAIL:
+            # A host copy is the whole sequence: for a short missing tail, computing the tail
+            # beside the GPU prefix is cheaper than loading everything again.
+            L.llama_memory_seq_rm(self.mem, seq, kept, -1)
+            self._recompute(req, seq, kept, target)
+            self.copy_s += time.perf_counter() - t0
             return
-        L.llama_memory_seq_rm(self.mem, seq, req.num_computed_tokens, -1)
+        data = self._host[req.session_id]
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        # Load into a spare sequence, so the GPU prefix stays if that fails.
+        spare = self._free_seqs.pop() if self._free_seqs else None
+        if spare is None:
+            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            kept = 0
+        into = seq if spare is None else spare
+        loaded = self._load(into, buf, len(data))
+        if not loaded and spare is not None:
+            self._free_seqs.append(spare)
+            if tokens > kept:  # most of it is missing: clear the prefix, load into its room
+                into, kept = seq, 0
+                L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+                loaded = self._load(seq, buf, len(data))
+        if not loaded:
+            # llama.cpp loads a sequence into one contiguous run of free cells, and there is
+            # none even after compaction. Compute the missing tokens instead: slower, exactly
+            # the same KV, and the engine goes on.
+            L.llama_memory_seq_rm(self.mem, seq, kept, -1)
+            self._recompute(req, seq, kept, target)
+            self.restore_fallbacks += 1
+            self.copy_s += time.perf_counter() - t0
+            return
+        if into != seq:  # the session now lives in the spare sequence
+            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            self._free_seqs.append(seq)
+            self._seq[req.session_id] = into
+        L.llama_memory_seq_rm(self.mem, into, target, -1)
+        elapsed = time.perf_counter() - t0
+        self.copy_s += elapsed
         if self.on_copy is not None:
-            self.on_copy(tokens, time.perf_counter() - t0)
+            self.on_copy(tokens, elapsed)
 
-    def _recompute(self, req: Request, seq: int, num_tokens: int) -> None:
-        """Prefill positions [0, num_tokens) of the request's sequence, in batch-sized chunks."""
+    def _load(self, seq: int, buf: ctypes.Array[ctypes.c_uint8], size: int) -> bool:
+        """`llama_state_seq_set_data` into `seq`, compacting the free cells once if needed."""
+        if L.llama_state_seq_set_data(self.ctx, buf, size, seq) != 0:
+            return True
+        L.llama_kv_self_defrag(self.ctx)
+        L.llama_kv_self_update(self.ctx)
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        return bool(L.llama_state_seq_set_data(self.ctx, buf, size, seq) != 0)
+
+    def _recompute(self, req: Request, seq: int, start: int, end: int) -> None:
+        """Prefill positions [start, end) of the request's sequence, in batch-sized chunks."""
         prompt = self._prompts[req.request_id]
         batch = self._batch
-        for start in range(0, num_tokens, self.config.batch_tokens):
+        for first in range(start, end, self.config.batch_tokens):
             batch.n_tokens = 0
-            for pos in range(start, min(num_tokens, start + self.config.batch_tokens)):
+            for pos in range(first, min(end, first + self.config.batch_tokens)):
                 i = batch.n_tokens
                 batch.token[i] = prompt[pos]
                 batch.pos[i] = pos

@@ -65,6 +65,7 @@ _COUNTERS = frozenset(
         "offloads",
         "restores",
         "restore_fallbacks",
+        "copy_s",
         "steps",
         "generated_tokens",
         "failed_steps",
