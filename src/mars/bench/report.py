@@ -191,7 +191,11 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
             >= GOODPUT_TARGET
         ]
         lines.append(f"| {p} | {max(ok):.4f} |" if ok else f"| {p} | below the lowest rate |")
-    lines += ["", "Plots: `latency.png`, `goodput.png`, `throughput.png`, `kv_usage.png`."]
+    lines += [
+        "",
+        "Plots: `latency.png`, `goodput.png`, `throughput.png`, `kv_usage.png`, and "
+        "`admission_window.png` where a policy keeps an admission window.",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -259,6 +263,25 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out / "kv_usage.png"))
+
+    windows = {
+        p: g[0]["admission_window_over_time"]
+        for p in policies
+        if (g := groups.get((p, top), []) if top is not None else [])
+        and g[0].get("admission_window_over_time")
+    }
+    if windows:  # policies with an admission window (AIMD): the window and what it admitted
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for p, points in windows.items():
+            t, w, a = zip(*points, strict=True)
+            (line,) = ax.step(t, w, where="post", label=f"{p}: window", linewidth=0.9)
+            ax.step(t, a, where="post", label=f"{p}: admitted", linewidth=0.7, linestyle="--",
+                    color=line.get_color())  # fmt: skip
+        ax.set_xlabel("seconds, simulated or live (highest load, first seed)")
+        ax.set_ylabel("sessions")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / "admission_window.png"))
     return paths
 
 

@@ -32,7 +32,7 @@ from mars.sched.registry import make_policy
 from mars.server.app import _Guard
 from mars.server.eventstream import EventStream
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_response
-from mars.server.responses import Activity, keepalive
+from mars.server.responses import Activity
 from mars.server.sessions import chat_opening
 
 log = logging.getLogger("mars.gateway")
@@ -170,22 +170,8 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
 
     @app.get("/v1/events")
     async def event_stream(session_id: str | None = None) -> StreamingResponse:
-        """Server-sent events of the control plane (one session's with ?session_id=)."""
-        sub = events.subscribe(session_id)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for record in keepalive(sub.records(), config.keepalive_s):
-                    if record is None:
-                        yield b": keep-alive\n\n"
-                    else:
-                        yield f"data: {json.dumps(record)}\n\n".encode()
-            finally:
-                events.unsubscribe(sub)
-
-        return StreamingResponse(
-            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        """Server-sent events: every event from now on (one session's with ?session_id=)."""
+        return events.sse(session_id, config.keepalive_s)
 
     @app.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -43,7 +42,6 @@ from mars.server.responses import (
     chat_stream,
     completion_full,
     completion_stream,
-    keepalive,
     overloaded,
     sse,
 )
@@ -230,21 +228,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
     async def event_stream(session_id: str | None = None) -> StreamingResponse:
         """Server-sent events: every event from now on (one session's with ?session_id=)."""
         engine()
-        sub = events.subscribe(session_id)
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for record in keepalive(sub.records(), config.keepalive_s):
-                    if record is None:
-                        yield b": keep-alive\n\n"
-                    else:
-                        yield f"data: {json.dumps(record)}\n\n".encode()
-            finally:
-                events.unsubscribe(sub)
-
-        return StreamingResponse(
-            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return events.sse(session_id, config.keepalive_s)
 
     @app.delete("/v1/sessions/{session_id}")
     async def end_session(session_id: str) -> dict[str, Any]:

@@ -17,10 +17,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+from fastapi.responses import StreamingResponse
 
 from mars.core.events import Event
 
+T = TypeVar("T")
 SUBSCRIBER_BUFFER = 10_000  # events a subscriber may fall behind before it loses the oldest
 
 
@@ -97,7 +100,47 @@ class EventStream:
             lines.append(f'mars_events_total{{event="{kind}"}} {n}')
         return lines
 
+    def sse(self, session_id: str | None, keepalive_s: float) -> StreamingResponse:
+        """`/v1/events`: every event from now on (one session's with a session id) as
+        server-sent events, with keep-alive comments while nothing happens."""
+        sub = self.subscribe(session_id)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for record in keepalive(sub.records(), keepalive_s):
+                    if record is None:
+                        yield b": keep-alive\n\n"
+                    else:
+                        yield f"data: {json.dumps(record)}\n\n".encode()
+            finally:
+                self.unsubscribe(sub)
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+async def keepalive(items: AsyncIterator[T], every_s: float) -> AsyncIterator[T | None]:
+    """`items`, with a None whenever `every_s` pass without one."""
+    pending: asyncio.Future[T] | None = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(anext(items))
+            while not (await asyncio.wait({pending}, timeout=every_s))[0]:
+                yield None
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the consumer left: cancel the wait (the request is aborted)
+            with suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending

@@ -3,13 +3,11 @@ tool calls, usage. `app.py` validates and routes; this module answers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from mars.engine.live import Chunk, LiveEngine, Overloaded
 from mars.engine.sampling import SamplingParams
 from mars.server import toolcalls
+from mars.server.eventstream import keepalive
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("mars.server")
@@ -235,26 +234,3 @@ def sse(
 
     headers = {"X-Session-ID": call.session_id, "Cache-Control": "no-cache"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-async def keepalive(
-    items: AsyncIterator[dict[str, Any]], every_s: float
-) -> AsyncIterator[dict[str, Any] | None]:
-    """`items`, with a None whenever `every_s` pass without one."""
-    pending: asyncio.Future[dict[str, Any]] | None = None
-    try:
-        while True:
-            pending = asyncio.ensure_future(anext(items))
-            while not (await asyncio.wait({pending}, timeout=every_s))[0]:
-                yield None
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield item
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()  # the consumer left: cancel the wait (the request is aborted)
-            with suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending

@@ -248,5 +248,14 @@ def _result(
             },
             "sim_time_s": out.end_time,
             "kv_usage_over_time": [[round(t, 3), round(u, 4)] for t, u in out.kv_usage[::8]],
+            "admission_window_over_time": [
+                [round(t, 3), w, a]
+                for t, w, a in out.admission_window[:: max(1, len(out.admission_window) // 2000)]
+            ],
         },
     )
+
+
+def _thin(points: list[tuple[float, int, int]], most: int) -> list[tuple[float, int, int]]:
+    """At most about `most` of `points`, evenly spaced."""
+    return points[:: max(1, len(points) // most)]

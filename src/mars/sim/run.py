@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from mars.control.admission import AdmissionQueue
 from mars.core.clock import SimClock
 from mars.core.events import (
+    AdmissionWindow,
     EventBus,
     SessionArrived,
     SessionDone,
@@ -105,6 +106,8 @@ class SimOutcome:
     restores: int
     kv_blocks: int
     kv_usage: list[tuple[float, float]] = field(default_factory=list)
+    # The admission window when it changed (policies that keep one), and sessions admitted then.
+    admission_window: list[tuple[float, int, int]] = field(default_factory=list)
 
 
 class _Agent:
@@ -171,6 +174,9 @@ class Simulation:
         self._on_done = on_session_done
         self._arrivals = arrivals
         self.kv_usage: list[tuple[float, float]] = []
+        self.window: list[tuple[float, int, int]] = []
+        if getattr(policy, "admission", False):
+            self.bus.subscribe(AdmissionWindow, self._window_changed)
 
     # ---- event heap -------------------------------------------------------------------------
     def _push(self, t: float, kind: _Ev, payload: object = None) -> None:
@@ -217,7 +223,12 @@ class Simulation:
             st.restores,
             self.kv.num_blocks,
             self.kv_usage,
+            self.window,
         )
+
+    def _window_changed(self, e: AdmissionWindow) -> None:
+        if not self.window or self.window[-1][1:] != (e.window, e.active):
+            self.window.append((e.time, e.window, e.active))
 
     def _dispatch(self, kind: int, payload: object) -> None:
         if kind == _Ev.STEP_END:

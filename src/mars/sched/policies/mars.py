@@ -19,7 +19,10 @@ departures below, and its ablations.
   twice the expected duration. (Departure: a closed-form price instead of the paper's
   distribution integral; both pin only when a warm resume pays at current pressure.)
 - Control plane: an AIMD window of admitted sessions (start 30, min 4, +1 per healthy 0.2 s
-  tick, x0.7 when overloaded) with a KV-fit check at admission. Overloaded: KV usage >= 0.90
+  tick while the window binds, x0.7 when overloaded) with a KV-fit check at admission.
+  (Departure: the paper grows the window on every healthy tick; unbounded growth while fewer
+  sessions than the window are admitted left it in the thousands, so overload took dozens of
+  decreases to bite.) Overloaded: KV usage >= 0.90
   (clears at 0.85), or the admitted sessions' footprint (their latest contexts summed) >= the KV
   capacity, or CPU-heavy tools in flight per tool worker >= 2 (clears at 1). (Departure, from
   the design's known hazard: KV usage alone reacts only once KV is squeezed and thrashes when
@@ -224,12 +227,16 @@ class MarsPolicy(BasePolicy):
             self._overloaded = True
         elif usage < self.kv_low and fp < self.footprint_high and cpu <= self.cpu_low:
             self._overloaded = False
+        active = len(self._active())
         if self._overloaded:
             self.window = max(float(self.window_min), self.window * self.window_dec)
-        else:
+        elif active >= int(self.window) - self.window_inc:
+            # Grow only while the window binds (as TCP validates its window, RFC 7661): a
+            # window far above what is admitted would let a burst in unchecked, and take many
+            # decreases to bite once overload comes.
             self.window += self.window_inc
         if self.ctx.bus.wants(AdmissionWindow):
-            self.ctx.bus.publish(AdmissionWindow(now, "", int(self.window), len(self._active())))
+            self.ctx.bus.publish(AdmissionWindow(now, "", int(self.window), active))
 
 
 class MarsNoPriority(MarsPolicy):
