@@ -210,17 +210,30 @@ class LiveBench:
                 max_context=int(model["max_model_len"]),
             )
             before = get_json(f"{base}/v1/kv_cache_stats")
-            outcome, usage = asyncio.run(self._replay(specs, config, f"{policy} seed {seed}"))
+            outcome, usage, windows = asyncio.run(
+                self._replay(specs, config, f"{policy} seed {seed}")
+            )
             after = get_json(f"{base}/v1/kv_cache_stats")
         rates = self.rates
         ideal = {s.session_id: ideal_time(s, rates) for s in specs}
         return self._result(
-            policy, seed, specs, outcome, ideal, before, after, usage, config, model["id"], log
+            policy,
+            seed,
+            specs,
+            outcome,
+            ideal,
+            before,
+            after,
+            usage,
+            config,
+            model["id"],
+            log,
+            windows,
         )
 
     async def _replay(
         self, specs: Sequence[SessionSpec], config: ReplayConfig, desc: str
-    ) -> tuple[ReplayOutcome, list[list[float]]]:
+    ) -> tuple[ReplayOutcome, list[list[float]], list[list[float]]]:
         from mars.agents.client import ReplayError, ServerClient
         from mars.agents.replay import replay
 
@@ -230,6 +243,7 @@ class LiveBench:
 
             bar = tqdm(total=len(specs), unit="session", desc=desc)
         usage: list[list[float]] = []
+        windows: list[list[float]] = []  # [t, admission window, sessions admitted]
         poller = ServerClient(config.base_url)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -238,7 +252,12 @@ class LiveBench:
             while True:
                 try:
                     stats = await poller.get_json("/v1/kv_cache_stats")
-                    usage.append([round(loop.time() - t0, 3), round(float(stats["kv_usage"]), 4)])
+                    now = round(loop.time() - t0, 3)
+                    usage.append([now, round(float(stats["kv_usage"]), 4)])
+                    window = stats.get("admission_window")
+                    if isinstance(window, int):
+                        admitted = int(stats["sessions"]) - int(stats["admission_queued"])
+                        windows.append([now, window, admitted])
                 except (ReplayError, KeyError, TypeError, ValueError):
                     pass
                 await asyncio.sleep(KV_POLL_S)
@@ -251,7 +270,7 @@ class LiveBench:
             await poller.aclose()
             if bar is not None:
                 bar.close()
-        return outcome, usage
+        return outcome, usage, windows
 
     def _result(
         self,
@@ -266,6 +285,7 @@ class LiveBench:
         config: ReplayConfig,
         model: str,
         log: Path,
+        windows: list[list[float]],
     ) -> dict[str, Any]:
         recs = outcome.records
         sessions = [r.result(None if r.rejected else ideal[r.session_id]) for r in recs]
@@ -338,6 +358,7 @@ class LiveBench:
                 "retries": sum(t.retries for r in recs for t in r.turns),
                 "server_log": str(log),
                 "kv_usage_over_time": usage,
+                "admission_window_over_time": windows,
                 "engine": engine,
             },
         )

@@ -9,11 +9,35 @@ happens (an arrival, a session ending, a control tick).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mars.core.clock import Clock
 from mars.core.events import EventBus, SessionAdmitted
 from mars.core.session import Session, SessionStatus
 from mars.sched.policy import Admission, Policy
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Bounds of the live control plane's queue of sessions waiting for admission."""
+
+    max_queued: int = 256  # sessions waiting at once; a new session beyond it gets 429
+    queue_timeout_s: float = 300.0  # a session that waited longer is turned away with 503
+    retry_after_s: int = 5  # what the answer's Retry-After header says
+
+    def __post_init__(self) -> None:
+        if self.max_queued < 0 or self.queue_timeout_s <= 0 or self.retry_after_s < 1:
+            raise ValueError(
+                "admission limits: max_queued >= 0, queue_timeout_s > 0, retry_after_s >= 1"
+            )
+
+
+class Overloaded(Exception):
+    """The control plane turned a request away: retry after `retry_after_s` seconds."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
 
 
 class AdmissionQueue:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mars.control.admission import AdmissionQueue
+from mars.control.admission import AdmissionLimits, AdmissionQueue, Overloaded
 from mars.core.clock import WallClock
 from mars.core.events import (
     Event,
@@ -54,29 +54,6 @@ class Chunk:
 _ABORTED = Chunk("", [], "abort")
 _QUEUE_FULL = Chunk("", [], "queue_full")
 _QUEUE_TIMEOUT = Chunk("", [], "queue_timeout")
-
-
-@dataclass(frozen=True)
-class AdmissionLimits:
-    """Bounds of the live control plane's queue of sessions waiting for admission."""
-
-    max_queued: int = 256  # sessions waiting at once; a new session beyond it gets 429
-    queue_timeout_s: float = 300.0  # a session that waited longer is turned away with 503
-    retry_after_s: int = 5  # what the answer's Retry-After header says
-
-    def __post_init__(self) -> None:
-        if self.max_queued < 0 or self.queue_timeout_s <= 0 or self.retry_after_s < 1:
-            raise ValueError(
-                "admission limits: max_queued >= 0, queue_timeout_s > 0, retry_after_s >= 1"
-            )
-
-
-class Overloaded(Exception):
-    """The control plane turned a request away: retry after `retry_after_s` seconds."""
-
-    def __init__(self, status: int, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.status, self.message, self.retry_after_s = status, message, retry_after_s
 
 
 @dataclass

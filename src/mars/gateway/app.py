@@ -21,9 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from mars.control.admission import AdmissionLimits
 from mars.core.clock import WallClock
 from mars.core.events import EventBus
-from mars.engine.live import AdmissionLimits
 from mars.gateway.calls import CallInfo, Calls
 from mars.gateway.control import Control
 from mars.gateway.proxy import Proxy

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from mars.engine.live import Overloaded
+from mars.control.admission import Overloaded
 from mars.gateway.control import Control
 from mars.gateway.proxy import Extras, Proxy
 from mars.server.protocol import APIError, _Body

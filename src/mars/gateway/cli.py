@@ -82,7 +82,7 @@ def run_gateway_cli(args: argparse.Namespace) -> int:
     settings = policy_settings(args)
     make_policy(args.policy, dict(settings))  # a bad name or parameter: one clear error, now
     try:
-        from mars.engine.live import AdmissionLimits
+        from mars.control.admission import AdmissionLimits
         from mars.gateway.app import GatewayConfig, run_gateway
         from mars.server.eventstream import EventStream
     except ImportError as e:

@@ -20,12 +20,11 @@ import asyncio
 import itertools
 from typing import cast
 
-from mars.control.admission import AdmissionQueue
+from mars.control.admission import AdmissionLimits, AdmissionQueue, Overloaded
 from mars.core.clock import Clock
 from mars.core.events import EventBus, RequestEmit, SessionArrived, SessionDone, ToolEnd
 from mars.core.request import Request
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
-from mars.engine.live import AdmissionLimits, Overloaded
 from mars.gateway.upstreams import Upstreams
 from mars.kv.manager import KVManager
 from mars.sched.policy import Policy, PolicyContext

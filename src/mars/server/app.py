@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mars.engine.live import LiveEngine, Overloaded
+from mars.control.admission import Overloaded
+from mars.engine.live import LiveEngine
 from mars.server import toolcalls
 from mars.server.eventstream import EventStream
 from mars.server.protocol import (

@@ -116,7 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from mars.engine.live import AdmissionLimits, LiveEngine
+        from mars.control.admission import AdmissionLimits
+        from mars.engine.live import LiveEngine
         from mars.engine.llamacpp import ExecutorConfig
         from mars.engine.model import Model, default_model_path
         from mars.server.app import ServerConfig, create_app

@@ -13,7 +13,8 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from mars.engine.live import Chunk, LiveEngine, Overloaded
+from mars.control.admission import Overloaded
+from mars.engine.live import Chunk, LiveEngine
 from mars.engine.sampling import SamplingParams
 from mars.server import toolcalls
 from mars.server.eventstream import keepalive
