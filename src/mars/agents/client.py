@@ -75,9 +75,11 @@ class ServerClient:
         output_tokens: int,
         *,
         last_step: bool = False,
+        next_tool: str | None = None,
     ) -> Completion:
-        """Exactly `output_tokens` tokens after `prompt`, in session `session_id`."""
-        body = {
+        """Exactly `output_tokens` tokens after `prompt`, in session `session_id`; `next_tool`
+        is sent as `this_func_call` (the tool this call's answer asks for)."""
+        body: dict[str, Any] = {
             "prompt": prompt,
             "max_tokens": output_tokens,
             "min_tokens": output_tokens,
@@ -86,6 +88,8 @@ class ServerClient:
             "is_last_step": last_step,
             "return_token_ids": True,  # vLLM's flag: used when the server honours it
         }
+        if next_tool is not None:
+            body["this_func_call"] = next_tool
         t0 = time.monotonic()
         data, retries = await self._post("/v1/completions", body)
         try:

@@ -3,9 +3,10 @@
 The workload is the simulator's (`mars.sim.workload.build_workload`: the same sample, seed, token
 and time scales). Each session, for each turn, sends `/v1/completions` with a token-id prompt that
 grows as the trace says (`mars.agents.prompts`), exactly `output_tokens` tokens decoded
-(`max_tokens` = `min_tokens`, `ignore_eos`), its `session_id`, and `is_last_step` on its last call;
-then runs the turn's tool steps one after another through the tools API as real work
-(`mars.agents.cpuwork`), or, with `tools="client"`, waits their nominal time on the client.
+(`max_tokens` = `min_tokens`, `ignore_eos`), its `session_id`, `is_last_step` on its last call
+(and, with `tool_markers`, the next tool's category as `this_func_call`); then runs the turn's
+tool steps one after another through the tools API as real work (`mars.agents.cpuwork`), or,
+with `tools="client"`, waits their nominal time on the client.
 
 A session arrives at its first send: at its Poisson arrival time (`rate`) or when a closed-loop
 slot frees (`concurrency`), the arrival processes of `mars sim`. A request the admission queue
@@ -45,6 +46,9 @@ class ReplayConfig:
     max_context: int | None = None  # the server's context: longer sessions are rejected
     api_key: str | None = None
     timeout_s: float = 900.0  # one HTTP request
+    # Send each call's next tool category as `this_func_call`: how a server that does not run
+    # the tools (a gateway, vLLM's plug-in) learns that a tool phase follows, and which one.
+    tool_markers: bool = False
     retry_limit_s: float = 900.0  # how long a 429/503 request is retried
 
     def __post_init__(self) -> None:
@@ -172,7 +176,10 @@ async def _session(
         for i, turn in enumerate(spec.turns):
             prompt = prompts.prompt(turn)
             last = i == len(spec.turns) - 1
-            out = await client.complete(spec.session_id, prompt, turn.output_tokens, last_step=last)
+            nxt = turn.tools[0].category if config.tool_markers and turn.tools else None
+            out = await client.complete(
+                spec.session_id, prompt, turn.output_tokens, last_step=last, next_tool=nxt
+            )
             if out.output_tokens != turn.output_tokens:
                 raise ReplayError(
                     f"turn {i}: asked for {turn.output_tokens} tokens, got {out.output_tokens}"
