@@ -195,7 +195,7 @@ class LlamaCppExecutor:
             # beside the GPU prefix is cheaper than loading everything again.
             L.llama_memory_seq_rm(self.mem, seq, kept, -1)
             self._recompute(req, seq, kept, target)
-            self.copy_s += time.perf_counter() - t0
+            self._copied(tokens, t0)
             return
         data = self._host[req.session_id]
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
@@ -219,13 +219,18 @@ class LlamaCppExecutor:
             L.llama_memory_seq_rm(self.mem, seq, kept, -1)
             self._recompute(req, seq, kept, target)
             self.restore_fallbacks += 1
-            self.copy_s += time.perf_counter() - t0
+            self._copied(tokens, t0)
             return
         if into != seq:  # the session now lives in the spare sequence
             L.llama_memory_seq_rm(self.mem, seq, -1, -1)
             self._free_seqs.append(seq)
             self._seq[req.session_id] = into
         L.llama_memory_seq_rm(self.mem, into, target, -1)
+        self._copied(tokens, t0)
+
+    def _copied(self, tokens: int, t0: float) -> None:
+        """A restore of `tokens` took since `t0`, however it was done (a copy, or computing what
+        could not be copied): what policies should expect a restore to cost on this engine."""
         elapsed = time.perf_counter() - t0
         self.copy_s += elapsed
         if self.on_copy is not None:
