@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from mars.control.admission import AdmissionLimits
@@ -29,9 +28,9 @@ from mars.gateway.control import Control
 from mars.gateway.proxy import Proxy
 from mars.gateway.upstreams import Flavor, Replica, Upstreams
 from mars.sched.registry import make_policy
-from mars.server.app import _Guard
+from mars.server.app import _Guard, install_error_handlers
 from mars.server.eventstream import EventStream
-from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_response
+from mars.server.protocol import APIError, ChatRequest, CompletionRequest
 from mars.server.responses import Activity
 from mars.server.sessions import chat_opening
 
@@ -102,18 +101,7 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
     app = FastAPI(title="mars gateway", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=config.api_key)
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return error_response(400, "the request body is not valid JSON")
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(422, f"{where or 'body'}: {first.get('msg', 'invalid value')}")
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:

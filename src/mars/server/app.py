@@ -167,33 +167,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
             raise APIError(503, f"the engine stopped: {eng.error}; restart `mars serve`")
         return eng
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.param, e.code, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return error_response(400, "the request body is not valid JSON")
-        first = errors[0] if errors else {}
-        # Drop "body" and pydantic's union-branch tags ("str", "list[int]") from the location.
-        loc = [p for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
-        where = ".".join(str(p) for p in loc)
-        return error_response(
-            422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        if e.status_code == 400 and "parsing the body" in str(e.detail):
-            return error_response(400, "the request body could not be read as JSON")
-        return error_response(e.status_code, f"{e.detail}")
-
-    @app.exception_handler(Exception)
-    async def crashed(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -282,6 +256,38 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         return await _unless_gone(request, completion_full(eng, body, call))
 
     return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI-style error bodies for every failure (shared by the server and the gateway)."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return error_response(400, "the request body is not valid JSON")
+        first = errors[0] if errors else {}
+        # Drop "body" and pydantic's union-branch tags ("str", "list[int]") from the location.
+        loc = [p for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+        where = ".".join(str(p) for p in loc)
+        return error_response(
+            422, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and "parsing the body" in str(e.detail):
+            return error_response(400, "the request body could not be read as JSON")
+        return error_response(e.status_code, f"{e.detail}")
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
 
 def _check_queue(eng: LiveEngine, sid: str) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "StepCostModel",
     "StepTime",
     "batch_totals",
+    "check_totals",
     "load_model_shape",
     "resolve_gpu",
     "resolve_model",
@@ -118,6 +119,16 @@ def batch_totals(batch: Sequence[tuple[int, int]]) -> tuple[int, int, int, int]:
     return len(batch), new_tokens, attn_pairs, kv_read_tokens
 
 
+def check_totals(num_seqs: int, new_tokens: int, attn_pairs: int, kv_read_tokens: int) -> None:
+    """Raise ValueError unless these are a batch's totals (see `batch_totals`)."""
+    if min(num_seqs, new_tokens, attn_pairs, kv_read_tokens) < 0 or num_seqs > new_tokens:
+        raise ValueError(
+            f"bad batch totals (num_seqs={num_seqs}, new_tokens={new_tokens}, "
+            f"attn_pairs={attn_pairs}, kv_read_tokens={kv_read_tokens}): all must be >= 0 "
+            "and num_seqs <= new_tokens"
+        )
+
+
 class CostModel:
     """Analytic roofline step-time model of one model on one GPU (see the module docstring)."""
 
@@ -175,12 +186,7 @@ class CostModel:
         self, num_seqs: int, new_tokens: int, attn_pairs: int, kv_read_tokens: int
     ) -> StepTime:
         """predict() from the batch aggregates (module docstring); identical float results."""
-        if min(num_seqs, new_tokens, attn_pairs, kv_read_tokens) < 0 or num_seqs > new_tokens:
-            raise ValueError(
-                f"bad batch totals (num_seqs={num_seqs}, new_tokens={new_tokens}, "
-                f"attn_pairs={attn_pairs}, kv_read_tokens={kv_read_tokens}): all must be >= 0 "
-                "and num_seqs <= new_tokens"
-            )
+        check_totals(num_seqs, new_tokens, attn_pairs, kv_read_tokens)
         if new_tokens == 0:
             return StepTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         flops = (

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mars.core.errors import UsageError
-from mars.sim.costmodel import StepTime, batch_totals
+from mars.sim.costmodel import StepTime, batch_totals, check_totals
 from mars.sim.fit import FitQuality, nnls, quality
 
 PRESET_FORMAT = "mars-fitted-cost-model"
@@ -134,12 +134,7 @@ class FittedCostModel:
         self, num_seqs: int, new_tokens: int, attn_pairs: int, kv_read_tokens: int
     ) -> StepTime:
         """The fit does not split time into FLOPs and bytes: all but c0 is reported as compute."""
-        if min(num_seqs, new_tokens, attn_pairs, kv_read_tokens) < 0 or num_seqs > new_tokens:
-            raise ValueError(
-                f"bad batch totals (num_seqs={num_seqs}, new_tokens={new_tokens}, "
-                f"attn_pairs={attn_pairs}, kv_read_tokens={kv_read_tokens}): all must be >= 0 "
-                "and num_seqs <= new_tokens"
-            )
+        check_totals(num_seqs, new_tokens, attn_pairs, kv_read_tokens)
         if new_tokens == 0:
             return StepTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         step = self.step_seconds(num_seqs, new_tokens, attn_pairs, kv_read_tokens)
