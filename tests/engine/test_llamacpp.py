@@ -16,7 +16,7 @@ from mars.engine.live import Chunk, LiveEngine
 from mars.engine.llamacpp import ExecutorConfig
 from mars.engine.model import Model, default_model_path
 from mars.engine.sampling import SamplingParams
-from mars.kv.manager import Retention
+from mars.kv.manager import Residency, Retention
 from mars.sched.policies.fcfs import FCFSPolicy
 from mars.sched.registry import register
 
@@ -32,7 +32,21 @@ class OffloadPolicy(FCFSPolicy):
         return Retention.OFFLOAD
 
 
+class PrefetchPolicy(OffloadPolicy):
+    """Also restores every session with KV missing from the GPU in any step with slack (the
+    co-scheduler's seam)."""
+
+    name = "test-prefetch"
+    fast_forward_ok = False  # it looks at every step, so a simulator must not skip any
+
+    def prefetch(self) -> list[str]:
+        assert self.ctx is not None
+        kv = self.ctx.kv
+        return [s for s in self.ctx.sessions if kv.residency(s) is not Residency.GPU]
+
+
 register("test-offload", OffloadPolicy)
+register("test-prefetch", PrefetchPolicy)
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +108,24 @@ def test_warm_resume_prefills_only_new_tokens_and_kv_mirrors_cells(model: Model)
         engine.shutdown()
 
 
-def test_restore_from_host_is_exact(model: Model) -> None:
+@pytest.mark.parametrize("policy", ["test-offload", "test-prefetch"])
+def test_restore_from_host_is_exact(model: Model, policy: str) -> None:
     # 512 prompt tokens = two full 256-token chunks, so a cold run chunks exactly like the
     # first turn did and any difference can only come from the restored cells.
     p1 = (text_prompt(model, 600) * 2)[:512]
     extra = text_prompt(model, 40, seed=2)[:40]
 
-    warm = make_engine(model, policy="test-offload", kv=1024, host=4096)
+    warm = make_engine(model, policy=policy, kv=1024, host=4096)
     try:
         first = run(warm, "a", p1, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         p2 = p1 + tokens(first) + extra
         # Another session fills the cache, evicting a's cells: only the host copy is left.
         run(warm, "filler", text_prompt(model, 900, seed=3)[:900], GREEDY)
         assert warm.kv.cached_tokens("a") < len(p1)
+        if policy == "test-prefetch":  # another call's step has slack: a comes back early
+            warm.end_session("filler")
+            run(warm, "b", text_prompt(model, 20, seed=4), GREEDY)
+            assert warm.kv.cached_tokens("a") == 512 and warm.kv.stats().restores == 1
         resumed = run(warm, "a", p2, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
         assert warm.kv.stats().restores == 1
         assert resumed[-1].cached_tokens == 512

@@ -45,3 +45,53 @@ def test_offload_copies_only_at_eviction_and_restores_it() -> None:
     again = _run(kv, "a", 20, turn=1, reuse=16)
     assert kv.stats().restores == 1 and again.session_id == "a"
     kv.check_integrity()
+
+
+class Loads(Copies):
+    """A listener that can refuse a warm restore, as llama.cpp does without contiguous cells."""
+
+    def __init__(self, accept: bool) -> None:
+        super().__init__()
+        self.accept = accept
+        self.loaded: list[tuple[str, int]] = []
+
+    def prefetched(self, session_id: str, num_tokens: int) -> bool:
+        if self.accept:
+            self.loaded.append((session_id, num_tokens))
+        return self.accept
+
+
+def _offloaded_then_evicted(listener: Copies) -> KVManager:
+    kv = KVManager(KVConfig(8, 4, 1000), SimClock(), EventBus(), listener=listener)
+    a = _run(kv, "a", 16)
+    kv.finish(a, Retention.OFFLOAD)
+    b = _run(kv, "b", 32)  # evicts all of a: a lives on the host only
+    kv.finish(b, Retention.DROP)
+    kv.end_session("b")
+    return kv
+
+
+def test_prefetch_restores_into_empty_blocks_and_the_next_call_hits_the_gpu() -> None:
+    loads = Loads(accept=True)
+    kv = _offloaded_then_evicted(loads)
+    assert kv.residency("a").name == "HOST"
+    assert kv.prefetch("a") == 16 and loads.loaded == [("a", 16)]
+    assert kv.residency("a").name == "CACHED" and kv.stats().restores == 1
+    assert kv.prefetch("a") == 0  # already on the GPU
+    again = Request("a-1", "a", 20, 1, 16, 0.0, 1)
+    hit = kv.begin(again)
+    assert (hit.gpu_tokens, hit.host_tokens) == (16, 0)  # warm: nothing left to copy
+    kv.check_integrity()
+
+
+def test_prefetch_never_evicts_and_a_refused_load_changes_nothing() -> None:
+    kv = _offloaded_then_evicted(Loads(accept=True))
+    c = _run(kv, "c", 20)  # 5 of 8 blocks held: 3 empty, a needs 4
+    assert kv.prefetch("a") == 0 and kv.residency("a").name == "HOST"
+    kv.finish(c, Retention.DROP)
+    refusing = _offloaded_then_evicted(Loads(accept=False))
+    free = refusing.num_free_blocks
+    assert refusing.prefetch("a") == 0
+    assert refusing.residency("a").name == "HOST" and refusing.num_free_blocks == free
+    assert refusing.stats().restores == 0
+    refusing.check_integrity()

@@ -270,3 +270,24 @@ def test_bad_preset_on_the_command_line_is_one_error_line(tmp_path: Path) -> Non
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.startswith("mars: error: cost model file") and proc.stderr.count("\n") == 1
+
+
+def test_executor_charges_the_scan_of_cells_outside_the_batch() -> None:
+    """llama.cpp attends over every used cell: a cached session's KV slows others' steps on a
+    fitted model, and never on the roofline (paged attention reads only its own blocks)."""
+    from factories import make_request
+    from mars.sched.plan import StepPlan
+    from mars.sim.costmodel import CostModel, resolve_gpu, resolve_model
+    from mars.sim.executor import SimExecutor
+
+    plan = StepPlan(0)
+    req = make_request(prompt=200, output=4)
+    req.num_computed_tokens = 200
+    plan.add(req, 1)  # one decode at context 200
+    fitted = FittedCostModel(make_preset())
+    alone = SimExecutor(fitted, lambda: 201).execute(plan).duration_s
+    beside = SimExecutor(fitted, lambda: 201 + 5000).execute(plan).duration_s
+    assert beside - alone == pytest.approx(TRUE.c_scan * 1 * 5000)
+    assert SimExecutor(fitted).execute(plan).duration_s == alone
+    roofline = CostModel(resolve_gpu("h100"), resolve_model("llama-3.1-8b"))
+    assert roofline.cache_scan_seconds(1, 5000) == 0.0

@@ -142,6 +142,11 @@ class FutureCheck:
         self._check("on_tick", list(self.ctx.sessions.values()))
         self.inner.on_tick()
 
+    def prefetch(self) -> Sequence[str]:
+        assert self.ctx is not None
+        self._check("prefetch", list(self.ctx.sessions.values()))
+        return self.inner.prefetch()
+
     def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]:
         self._check("order_admission", queued)
         return self.inner.order_admission(queued)

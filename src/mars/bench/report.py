@@ -145,6 +145,7 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
                     f"| {_ratio(base, g, 'latency_s.p95')} "
                     f"| {_ratio(g, base, 'goodput.fraction')} |"
                 )
+    lines += _against_best(groups, policies, xs, xname)
     lines += [
         "",
         "## By session length (highest load; tertiles of ideal time)",
@@ -199,6 +200,43 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _against_best(
+    groups: dict[tuple[str, float], list[dict[str, Any]]],
+    policies: Sequence[str],
+    xs: Sequence[float],
+    xname: str,
+) -> list[str]:
+    """`mars` against the best other policy at each point (by mean latency; ablations are not
+    others), with fcfs's p99 slowdown beside mars's: the floors of the issue at a glance."""
+    others = [p for p in policies if not p.startswith("mars")]
+    if "mars" not in policies or not others:
+        return []
+    lines = [
+        "",
+        "## mars against the best other policy (ratio of means; > 1 is better than it)",
+        "",
+        f"| {xname} | best other | mean latency | p95 latency | goodput "
+        "| mars p99 slowdown | fcfs p99 slowdown |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    mean = _get("latency_s.mean")
+    for x in xs:
+        mine = groups.get(("mars", x))
+        rivals = [(p, groups[(p, x)]) for p in others if (p, x) in groups]
+        if not mine or not rivals:
+            continue
+        best, g = min(rivals, key=lambda pg: statistics.fmean(mean(r) for r in pg[1]))
+        p99 = _get("slowdown.p99")
+        fcfs = groups.get(("fcfs", x))
+        fcfs_p99 = f"{statistics.fmean(p99(r) for r in fcfs):.2f}" if fcfs else "-"
+        lines.append(
+            f"| {x:g} | {best} | {_ratio(g, mine, 'latency_s.mean')} "
+            f"| {_ratio(g, mine, 'latency_s.p95')} | {_ratio(mine, g, 'goodput.fraction')} "
+            f"| {statistics.fmean(p99(r) for r in mine):.2f} | {fcfs_p99} |"
+        )
+    return lines
 
 
 def _ratio(num: list[dict[str, Any]], den: list[dict[str, Any]], key: str) -> str:

@@ -3,9 +3,10 @@
 One context, many sequence slots, one unified KV cache. The scheduler's KV manager (block size 1,
 one block per cell, at most `n_seq_max` sessions on the GPU) decides; this class mirrors every
 decision in the real cache through the `KVListener` calls: truncations (`llama_memory_seq_rm`),
-offloads (`llama_state_seq_get_data` into host memory) and, from the plan, restores
-(`llama_state_seq_set_data` into any free slot). Restores are exact: same cells, same logits as a
-recompute with the same chunking on an empty cache.
+offloads (`llama_state_seq_get_data` into host memory), warm restores ahead of a call
+(`prefetched`) and, from the plan, restores (`llama_state_seq_set_data` into any free slot).
+Restores are exact: same cells, same logits as a recompute with the same chunking on an empty
+cache.
 """
 
 from __future__ import annotations
@@ -156,6 +157,17 @@ class LlamaCppExecutor:
         self._host[session_id] = ctypes.string_at(buf, written)
         self.copy_s += time.perf_counter() - t0
 
+    def prefetched(self, session_id: str, num_tokens: int) -> bool:
+        if session_id not in self._host:
+            return False
+        t0 = time.perf_counter()
+        # No compaction: a warm restore is worth only what it costs off the critical path; if
+        # the cells are not there, the call restores (or computes) when it comes.
+        if not self._swap_in(session_id, num_tokens, compact=False):
+            return False
+        self._copied(num_tokens, t0)
+        return True
+
     def host_copy(self, session_id: str) -> bytes | None:
         """The session's KV as `offloaded` saved it in host memory, or None."""
         return self._host.get(session_id)
@@ -197,36 +209,50 @@ class LlamaCppExecutor:
             self._recompute(req, seq, kept, target)
             self._copied(tokens, t0)
             return
-        data = self._host[req.session_id]
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        # Load into a spare sequence, so the GPU prefix stays if that fails.
-        spare = self._free_seqs.pop() if self._free_seqs else None
-        if spare is None:
-            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-            kept = 0
-        into = seq if spare is None else spare
-        loaded = self._load(into, buf, len(data))
-        if not loaded and spare is not None:
-            self._free_seqs.append(spare)
-            if tokens > kept:  # most of it is missing: clear the prefix, load into its room
-                into, kept = seq, 0
-                L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-                loaded = self._load(seq, buf, len(data))
-        if not loaded:
-            # llama.cpp loads a sequence into one contiguous run of free cells, and there is
-            # none even after compaction. Compute the missing tokens instead: slower, exactly
-            # the same KV, and the engine goes on.
-            L.llama_memory_seq_rm(self.mem, seq, kept, -1)
-            self._recompute(req, seq, kept, target)
-            self.restore_fallbacks += 1
+        # Into a spare sequence first, so that the GPU prefix stays if that fails.
+        if self._swap_in(req.session_id, target, compact=True):
             self._copied(tokens, t0)
             return
-        if into != seq:  # the session now lives in the spare sequence
-            L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-            self._free_seqs.append(seq)
-            self._seq[req.session_id] = into
-        L.llama_memory_seq_rm(self.mem, into, target, -1)
+        L.llama_memory_seq_rm(self.mem, seq, -1 if tokens > kept else kept, -1)
+        if tokens > kept:  # most of it is missing: clear the prefix, load into its room
+            kept = 0
+            data = self._host[req.session_id]
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if self._load(seq, buf, len(data)):
+                L.llama_memory_seq_rm(self.mem, seq, target, -1)
+                self._copied(tokens, t0)
+                return
+        # llama.cpp loads a sequence into one contiguous run of free cells, and there is none
+        # even after compaction. Compute the missing tokens instead: slower, exactly the same
+        # KV, and the engine goes on.
+        self._recompute(req, seq, kept, target)
+        self.restore_fallbacks += 1
         self._copied(tokens, t0)
+
+    def _swap_in(self, session_id: str, target: int, compact: bool) -> bool:
+        """Load the session's host copy into a spare sequence, which becomes the session's,
+        keeping its first `target` tokens; False, with nothing changed, if there is no spare
+        sequence or no contiguous run of free cells (after one compaction with `compact`)."""
+        if not self._free_seqs:
+            return False
+        data = self._host[session_id]
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        spare = self._free_seqs.pop()
+        if compact:
+            loaded = self._load(spare, buf, len(data))
+        else:
+            loaded = L.llama_state_seq_set_data(self.ctx, buf, len(data), spare) != 0
+        if not loaded:
+            L.llama_memory_seq_rm(self.mem, spare, -1, -1)
+            self._free_seqs.append(spare)
+            return False
+        old = self._seq.get(session_id)
+        if old is not None:
+            L.llama_memory_seq_rm(self.mem, old, -1, -1)
+            self._free_seqs.append(old)
+        self._seq[session_id] = spare
+        L.llama_memory_seq_rm(self.mem, spare, target, -1)
+        return True
 
     def _copied(self, tokens: int, t0: float) -> None:
         """A restore of `tokens` took since `t0`, however it was done (a copy, or computing what

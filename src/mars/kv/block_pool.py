@@ -35,6 +35,10 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._empty) + self._num_cached
 
+    @property
+    def num_empty(self) -> int:
+        return len(self._empty)
+
     def is_cached(self, chain: Chain) -> bool:
         return chain in self._cached
 

@@ -104,6 +104,11 @@ class KVManager:
         return self._pool.num_free
 
     @property
+    def used_blocks(self) -> int:
+        """Blocks with content: held, or cached and still reusable (not empty)."""
+        return self.config.num_blocks - self._pool.num_empty
+
+    @property
     def usage(self) -> float:
         """Fraction of blocks held (vLLM's `kv_cache_usage_perc`)."""
         return self._num_held / self.config.num_blocks
@@ -141,6 +146,11 @@ class KVManager:
     def cached_tokens(self, session_id: str) -> int:
         chain = self._chains.get(session_id)
         return 0 if chain is None else chain.num_tokens
+
+    def host_tokens(self, session_id: str) -> int:
+        """Tokens of the session's KV with a copy in host memory."""
+        chain = self._chains.get(session_id)
+        return 0 if chain is None else chain.host_tokens
 
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         chain = self._chains.get(req.session_id)
@@ -294,6 +304,36 @@ class KVManager:
         self._offloads += 1
         self._emit(KvOffload, session_id, full)
         return True
+
+    def prefetch(self, session_id: str) -> int:
+        """Bring back what of a session's host copy is not on the GPU, into empty blocks, as its
+        prefix cache ahead of its next call; the tokens it now has on the GPU (0: nothing to
+        bring back, no empty room, no free sequence slot, or the engine could not place it).
+        Never evicts, so it costs others nothing but the copy."""
+        chain = self._chains.get(session_id)
+        if chain is None or chain.held or chain.host_tokens <= chain.num_tokens:
+            return 0
+        n = chain.host_tokens // self.block_size - len(chain.blocks)
+        limit = self.config.max_sequences
+        if n > self._pool.num_empty or (
+            not chain.blocks
+            and limit is not None
+            and sum(1 for c in self._chains.values() if c.blocks) >= limit
+        ):
+            return 0
+        tokens = chain.host_tokens
+        if self.listener is not None and not self.listener.prefetched(session_id, tokens):
+            return 0
+        self._pool.remove_cached(chain)
+        blocks = self._take(n)
+        assert blocks is not None, "prefetch: room was checked"
+        chain.blocks.extend(blocks)
+        self._restored += tokens - chain.num_tokens
+        chain.num_tokens = tokens
+        self._pool.put_cached(chain)
+        self._restores += 1
+        self._emit(KvRestore, session_id, tokens)
+        return tokens
 
     def unpin(self, session_id: str) -> None:
         """A pinned chain becomes ordinary prefix cache (evictable)."""

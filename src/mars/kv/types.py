@@ -38,6 +38,11 @@ class KVListener(Protocol):
         """The session is gone: drop its GPU and host KV."""
         ...
 
+    def prefetched(self, session_id: str, num_tokens: int) -> bool:
+        """Load the session's host copy (first `num_tokens` tokens) back into GPU KV now, as
+        its prefix cache; False, with nothing changed, if the engine cannot place it."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class KVConfig:

@@ -22,6 +22,9 @@ class StepPlan:
     preempted: list[Request] = field(default_factory=list)
     # Host-to-GPU copies to do before computing: (request, tokens restored from host memory).
     restores: list[tuple[Request, int]] = field(default_factory=list)
+    # Host-to-GPU copies ahead of a session's next call, overlapping this step's compute:
+    # (session id, tokens) already placed in GPU blocks as that session's prefix cache.
+    prefetches: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:

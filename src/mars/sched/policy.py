@@ -79,6 +79,8 @@ class Policy(Protocol):
 
     def on_tick(self) -> None: ...
 
+    def prefetch(self) -> Sequence[str]: ...
+
     def stable_until(self, waiting: Sequence[Request]) -> float: ...
 
 
@@ -129,6 +131,12 @@ class BasePolicy:
 
     def on_tick(self) -> None:
         return None
+
+    def prefetch(self) -> Sequence[str]:
+        """Sessions whose host-memory KV the engine should bring back to the GPU now, ahead of
+        their next call, while this step leaves it slack (the co-scheduler's warm restores).
+        The KV manager only fills empty blocks: a prefetch never evicts anyone."""
+        return ()
 
     def stable_until(self, waiting: Sequence[Request]) -> float:
         """Until when the policy's decisions cannot change by the clock alone (aging,

@@ -95,6 +95,8 @@ class Scheduler:
         self._waiting_blocked = False
         if not plan.preempted:
             self._waiting_blocked = self._schedule_waiting(plan, budget)
+            if plan.total_tokens < self.config.max_num_batched_tokens:
+                self._prefetch(plan)
         self._free_blocks_seen = self.kv.num_free_blocks
         self.stable_until = self.policy.stable_until(self.waiting)
         return plan
@@ -131,6 +133,8 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> bool:
         """Start waiting requests; True if none could start for want of KV or sequence slots."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return bool(self.waiting)  # no sequence slot: nothing can start (vLLM's check)
         policy, kv, now = self.policy, self.kv, self.clock.now()
         started: list[Request] = []
         out_of_budget = False
@@ -177,6 +181,13 @@ class Scheduler:
                 req.status = RequestStatus.RUNNING
             self.running.extend(started)
         return bool(self.waiting) and not started and not out_of_budget
+
+    def _prefetch(self, plan: StepPlan) -> None:
+        """Warm restores in a step with slack (budget left, nothing preempted)."""
+        for session_id in self.policy.prefetch():
+            tokens = self.kv.prefetch(session_id)
+            if tokens:
+                plan.prefetches.append((session_id, tokens))
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         """Recompute preemption (vLLM V1): free the KV, back to the front of the queue."""
@@ -283,8 +294,8 @@ class Scheduler:
             not self._waiting_blocked or self.kv.num_free_blocks > self._free_blocks_seen
         ):
             return 0  # something may start: KV was freed (an unpin, a session end) since
-        if self.clock.now() >= self.stable_until:
-            return 0
+        if self.clock.now() >= min(self.stable_until, self.policy.stable_until(self.waiting)):
+            return 0  # (asked again: a control tick since the last schedule may have news)
         if len(running) > self.config.max_num_batched_tokens:
             return 0
         k = min(r.max_tokens - r.num_output_tokens for r in running)

@@ -103,6 +103,12 @@ class StepCostModel(Protocol):
 
     def transfer_seconds(self, num_tokens: int) -> float: ...
 
+    def cache_scan_seconds(self, new_tokens: int, other_cells: int) -> float:
+        """Step time spent on KV cells outside the batch (cached sessions' cells) that the
+        engine's attention still scans: llama.cpp's unified cache does, paged attention
+        (vLLM, the roofline) does not (0)."""
+        ...
+
 
 def batch_totals(batch: Sequence[tuple[int, int]]) -> tuple[int, int, int, int]:
     """(num_seqs, new_tokens, attn_pairs, kv_read_tokens) of per-request (new, context) pairs."""
@@ -233,3 +239,6 @@ class CostModel:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         return num_tokens * self._sec_per_host_token
+
+    def cache_scan_seconds(self, new_tokens: int, other_cells: int) -> float:
+        return 0.0  # paged attention reads only the batch's own blocks

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mars.sched.plan import StepPlan, StepResult
 from mars.sim.costmodel import StepCostModel
 
 
 class SimExecutor:
-    def __init__(self, cost: StepCostModel) -> None:
+    def __init__(self, cost: StepCostModel, cells_in_use: Callable[[], int] | None = None) -> None:
+        """`cells_in_use()`: KV tokens the cache holds now (running and cached sessions), for
+        engines whose attention scans them all (`cost.cache_scan_seconds`)."""
         self.cost = cost
+        self.cells_in_use = cells_in_use
         self.busy_s = 0.0
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -17,8 +22,13 @@ class SimExecutor:
         ctx = sum(plan.context_lens)
         pairs = sum(k * c for k, c in zip(plan.num_new_tokens, plan.context_lens, strict=True))
         dt = self.cost.step_seconds(n, new, attn_pairs(new, pairs, plan.num_new_tokens), ctx + new)
+        if self.cells_in_use is not None:
+            dt += self.cost.cache_scan_seconds(new, max(0, self.cells_in_use() - ctx - new))
         for _, tokens in plan.restores:
             dt += self.cost.transfer_seconds(tokens)
+        # Prefetches copy on their own stream while the step computes (as cudaMemcpyAsync does).
+        ahead = sum(self.cost.transfer_seconds(tokens) for _, tokens in plan.prefetches)
+        dt = max(dt, ahead)
         self.busy_s += dt
         return StepResult(plan.step_id, dt)
 

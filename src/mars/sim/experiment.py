@@ -137,6 +137,7 @@ class _UnlimitedContext:
         self.predict_totals = cost.predict_totals
         self.step_seconds = cost.step_seconds
         self.transfer_seconds = cost.transfer_seconds
+        self.cache_scan_seconds = cost.cache_scan_seconds
 
 
 def run_experiment(

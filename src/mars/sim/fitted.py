@@ -11,7 +11,8 @@ machine. The last term is llama.cpp's, not the roofline's: its CPU attention (no
 scores every new token of a step against every used cell of the one unified KV cache, masked, so
 a decode of B sequences at context C costs B * (B * C) score pairs, not B * C. The calibration
 runs each batch alone in the cache, where those cells are the batch's kv_read_tokens; a live
-engine also holds the cells of sessions waiting on tools, which no batch aggregate sees.
+engine also holds the cells of sessions waiting on tools, which no batch aggregate sees: the
+simulator adds them (`cache_scan_seconds` over the KV manager's used blocks outside the batch).
 
 A preset file (JSON) holds the coefficients, the measured KV copy rates, the engine's KV capacity
 and context limit, the fit's quality, the measurements and where they came from.
@@ -147,6 +148,11 @@ class FittedCostModel:
         if new_tokens <= 0:
             return 0.0
         return self.coefficients.seconds(num_seqs, new_tokens, attn_pairs, kv_read_tokens)
+
+    def cache_scan_seconds(self, new_tokens: int, other_cells: int) -> float:
+        """llama.cpp scores every new token against every used cell of its unified cache, the
+        batch's and the cached sessions' alike: the scan term over the cells outside the batch."""
+        return self.coefficients.c_scan * new_tokens * other_cells
 
     def transfer_seconds(self, num_tokens: int) -> float:
         """One host -> engine KV copy (a restore: what the simulator charges a step)."""

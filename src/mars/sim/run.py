@@ -158,7 +158,11 @@ class Simulation:
             config.tool_cores,
         )
         self.policy = policy
-        self.executor = SimExecutor(cost)
+        # An engine whose attention scans every used cell (llama.cpp) slows with the cached
+        # sessions' KV too; its steps then depend on the cache, not only on the batch, so the
+        # decode stretches are stepped one by one.
+        self._scans_cache = cost.cache_scan_seconds(1, 1) > 0
+        self.executor = SimExecutor(cost, self._cells_in_use if self._scans_cache else None)
         self.heavy = ProcessorSharing(config.tool_cores)
         self._heavy_version = 0
         self._heap: list[tuple[float, int, int, object]] = []
@@ -254,11 +258,14 @@ class Simulation:
             self._arrive()
 
     # ---- engine -----------------------------------------------------------------------------
+    def _cells_in_use(self) -> int:
+        return self.kv.used_blocks * self.config.block_size
+
     def _start_step(self) -> None:
         sched, now = self.scheduler, self.clock.now()
         if not sched.has_work:
             return
-        if self.config.fast_forward:
+        if self.config.fast_forward and not self._scans_cache:
             horizon = sched.decode_horizon()
             if horizon >= 2:
                 until = min(self._heap[0][0] if self._heap else math.inf, sched.stable_until)

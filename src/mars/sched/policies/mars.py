@@ -29,10 +29,17 @@ departures below, and its ablations.
   capacity, or CPU-heavy tools in flight per tool worker >= 2 (clears at 1). (Departure, from
   the design's known hazard: KV usage alone reacts only once KV is squeezed and thrashes when
   contexts grow; the footprint signal sees the growth coming.)
-  Waiting sessions are admitted in arrival order.
-Not yet here: the EMA tool-queue-wait signal (the simulated CPU pool has no queue: contention
-stretches tools instead), load-balancer modes beyond arrival order, and the opportunistic
-co-scheduler (prefetch in GPU slack).
+  CPU overload also when the EMA of tool queue wait reaches 5 s (clears at 2.5 s; the simulated
+  pool shares its cores and has no queue, so there only the in-flight count speaks).
+- Load balancer (`mars.control.balancer`): arrival order while healthy and everything queued
+  fits; otherwise shortest estimated first prefill first, or longest first while the CPUs are
+  overloaded; sessions estimated above 50K tokens wait at the tail, packed by the KV-fit check.
+- Opportunistic co-scheduler: in a step with budget left and KV usage under `kv_low`, sessions
+  in a tool call whose KV was offloaded and whose tool is expected to end within `prefetch_s`
+  are restored into empty GPU blocks (never evicting), earliest expected end first; the copy
+  overlaps the step. It is off by itself at light load (nothing is evicted, so nothing is on the
+  host) and under pressure (no empty blocks). (Departure: no prefetch of dropped sessions by
+  recompute: that would spend GPU compute on a guess, where a restore spends only the link.)
 """
 
 from __future__ import annotations
@@ -40,10 +47,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from mars.core.events import AdmissionWindow, ToolEnd
+from mars.control.balancer import BalancerMode, order_sessions
+from mars.control.signals import ToolQueueWait
+from mars.core.events import AdmissionWindow, SessionDone, ToolEnd, ToolEnqueued, ToolStart
 from mars.core.request import Request, RequestStatus
 from mars.core.session import Session, SessionStatus
-from mars.kv.manager import Retention
+from mars.kv.manager import Residency, Retention
 from mars.sched.policies.continuum import ToolDurations
 from mars.sched.policy import Admission, BasePolicy, PolicyContext
 
@@ -70,10 +79,24 @@ class MarsPolicy(BasePolicy):
     footprint_high = 1.0
     cpu_high = 2.0  # CPU-heavy tools in flight per tool worker: overloaded at 2, clear at 1
     cpu_low = 1.0
+    queue_wait_high = 5.0  # EMA of tool queue wait, seconds: overloaded at 5, clear at 2.5
+    queue_wait_low = 2.5
+    # load balancer
+    balancer = True
+    long_session_tokens = 50_000
+    # opportunistic co-scheduler
+    coschedule = True
+    prefetch_s = 1.0  # restore a tool's session when its expected end is this close
+    max_prefetch = 4  # restores started per step at most
 
     def __init__(self) -> None:
         super().__init__()
         self.durations = ToolDurations()
+        self.queue_wait = ToolQueueWait()
+        self._cpu_overloaded = False
+        self._prefetch_due = False
+        self._count = 0  # admitted sessions, as counted at `_count_at`
+        self._count_at: float | None = None
         self._pins: dict[str, float] = {}
         self.window = float(self.window_start)
         self._overloaded = False
@@ -82,6 +105,9 @@ class MarsPolicy(BasePolicy):
         super().bind(ctx)
         self.window = float(self.window_start)
         ctx.bus.subscribe(ToolEnd, self.durations.observe)
+        ctx.bus.subscribe(ToolEnqueued, self.queue_wait.enqueued)
+        ctx.bus.subscribe(ToolStart, self.queue_wait.started)
+        ctx.bus.subscribe(SessionDone, self._session_done)
 
     def _now(self) -> float:
         assert self.ctx is not None, "bind() first"
@@ -93,7 +119,7 @@ class MarsPolicy(BasePolicy):
         share = self.quanta[min(level, len(self.quanta) - 1)]
         return max(self.ctx.kv.block_size, int(share * self.ctx.max_num_batched_tokens))
 
-    def level(self, req: Request) -> int:
+    def level(self, req: Request, now: float | None = None) -> int:
         """The request's queue level, a pure function of its state and the clock (so that
         repeated asks change nothing): feedback from the quanta its prefill has used up, aging
         from how long it has waited."""
@@ -101,18 +127,23 @@ class MarsPolicy(BasePolicy):
             return 0
         level = 0 if req.turn_index > 0 else 1
         done = req.num_computed_tokens - max(0, req.num_cached_tokens)
-        used = 0
-        while level < len(self.quanta) - 1 and done >= used + self._quantum(level):
-            used += self._quantum(level)
+        last = len(self.quanta) - 1
+        while level < last:
+            quantum = self._quantum(level)
+            if done < quantum:
+                break
+            done -= quantum
             level += 1
         if req.status is not RequestStatus.RUNNING:
-            level -= int((self._now() - req.arrival_time) // self.aging_s)
+            waited = (self._now() if now is None else now) - req.arrival_time
+            level -= int(waited // self.aging_s)
         return max(0, level)
 
     def order_waiting(self, waiting: Sequence[Request]) -> Sequence[Request]:
         if not self.priority:
             return waiting
-        return sorted(waiting, key=lambda r: (self.level(r), r.arrival_time))
+        now = self._now()
+        return sorted(waiting, key=lambda r: (self.level(r, now), r.arrival_time))
 
     def order_running(self, running: Sequence[Request]) -> Sequence[Request]:
         if not self.priority:
@@ -146,9 +177,13 @@ class MarsPolicy(BasePolicy):
         return max(prefills, key=lambda r: (self.level(r), -r.num_computed_tokens))
 
     def stable_until(self, waiting: Sequence[Request]) -> float:
+        now = self._now()
+        if self._prefetch_due and self.coschedule and self.ctx is not None:
+            kv = self.ctx.kv
+            if kv.host_used_tokens and kv.usage < self.kv_low:
+                return now  # a co-scheduler look is due at the next schedule
         if not self.priority:
             return math.inf
-        now = self._now()
         due = math.inf
         for r in waiting:
             waited = now - r.arrival_time
@@ -177,6 +212,33 @@ class MarsPolicy(BasePolicy):
             return Retention.PIN
         return Retention.OFFLOAD if restore < recompute else Retention.DROP
 
+    # ---- opportunistic co-scheduler -----------------------------------------------------------
+    def prefetch(self) -> list[str]:
+        assert self.ctx is not None
+        kv = self.ctx.kv
+        if not self._prefetch_due:  # look once a control tick, not every step
+            return []
+        self._prefetch_due = False
+        if not self.coschedule or kv.usage >= self.kv_low or not kv.host_used_tokens:
+            return []
+        now, due = self._now(), []
+        for s in self.ctx.sessions.values():
+            sid = s.session_id
+            if s.status is not SessionStatus.TOOL or kv.residency(sid) is Residency.GPU:
+                continue
+            if kv.host_tokens(sid) <= kv.cached_tokens(sid):
+                continue  # all it has is on the GPU (or it has no host copy)
+            tools = [t for t in s.turns[-1].tools if t.end_time is None] if s.turns else []
+            ends = []
+            for t in tools:
+                mean = self.durations.mean(t.category) or self.durations.mean_any()
+                ends.append(t.start_time + (mean if mean is not None else 1.0))
+            end = max(ends, default=now)  # between two tools, or before the first: soon
+            if end - now <= self.prefetch_s:
+                due.append((end, sid))
+        due.sort()
+        return [sid for _, sid in due[: self.max_prefetch]]
+
     # ---- control plane ------------------------------------------------------------------------
     def _active(self) -> list[Session]:
         assert self.ctx is not None
@@ -185,6 +247,17 @@ class MarsPolicy(BasePolicy):
             for s in self.ctx.sessions.values()
             if s.admitted_time is not None and s.status < SessionStatus.DONE
         ]
+
+    def _active_count(self) -> int:
+        """`len(self._active())`, counted once per clock instant: the admission queue asks
+        `admit` for each of possibly thousands of queued sessions in one poll."""
+        now = self._now()
+        if self._count_at != now:
+            self._count, self._count_at = len(self._active()), now
+        return self._count
+
+    def _session_done(self, event: SessionDone) -> None:
+        self._count_at = None
 
     def footprint(self) -> float:
         assert self.ctx is not None
@@ -203,18 +276,46 @@ class MarsPolicy(BasePolicy):
             busy += sum(1 for t in tools if t.cpu_heavy and t.end_time is None)
         return busy / workers
 
+    def cpu_overloaded(self) -> bool:
+        """The CPU half of the overload signal, with hysteresis: tools per worker, or the EMA
+        of their queue wait (or a queued run already waiting that long)."""
+        load = self.cpu_load()
+        wait = max(self.queue_wait.value, self.queue_wait.oldest_wait(self._now()))
+        if load >= self.cpu_high or wait >= self.queue_wait_high:
+            self._cpu_overloaded = True
+        elif load <= self.cpu_low and wait < self.queue_wait_low:
+            self._cpu_overloaded = False
+        return self._cpu_overloaded
+
+    def balancer_mode(self, queued: Sequence[Session]) -> BalancerMode:
+        assert self.ctx is not None
+        if self._cpu_overloaded:
+            return BalancerMode.LONG_FIRST
+        kv = self.ctx.kv
+        fits = sum(s.context_tokens for s in queued) <= kv.num_free_blocks * kv.block_size
+        room = self._active_count() + len(queued) <= int(self.window)
+        if not self._overloaded and fits and room:
+            return BalancerMode.ARRIVAL
+        return BalancerMode.SHORT_FIRST
+
+    def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]:
+        if not self.admission or not self.balancer:
+            return queued
+        return order_sessions(queued, self.balancer_mode(queued), self.long_session_tokens)
+
     def admit(self, session: Session) -> Admission:
         if not self.admission:
             return Admission.ADMIT
         assert self.ctx is not None
-        active = self._active()
-        if not active:
-            return Admission.ADMIT
-        if len(active) >= int(self.window):
-            return Admission.DEFER
-        kv = self.ctx.kv
-        fits = session.first_prompt_tokens <= kv.num_free_blocks * kv.block_size
-        return Admission.ADMIT if fits else Admission.DEFER
+        active = self._active_count()
+        if active:
+            if active >= int(self.window):
+                return Admission.DEFER
+            kv = self.ctx.kv
+            if session.first_prompt_tokens > kv.num_free_blocks * kv.block_size:
+                return Admission.DEFER
+        self._count += 1  # the queue admits it now
+        return Admission.ADMIT
 
     def on_tick(self) -> None:
         assert self.ctx is not None
@@ -223,14 +324,15 @@ class MarsPolicy(BasePolicy):
             if t <= now:
                 del self._pins[sid]
                 self.ctx.kv.unpin(sid)
+        self._prefetch_due = True
         if not self.admission:
             return
-        usage, fp, cpu = self.ctx.kv.usage, self.footprint(), self.cpu_load()
-        if usage >= self.kv_high or fp >= self.footprint_high or cpu >= self.cpu_high:
+        usage, fp, cpu = self.ctx.kv.usage, self.footprint(), self.cpu_overloaded()
+        if usage >= self.kv_high or fp >= self.footprint_high or cpu:
             self._overloaded = True
-        elif usage < self.kv_low and fp < self.footprint_high and cpu <= self.cpu_low:
+        elif usage < self.kv_low and fp < self.footprint_high and not cpu:
             self._overloaded = False
-        active = len(self._active())
+        active = self._active_count()
         if self._overloaded:
             self.window = max(float(self.window_min), self.window * self.window_dec)
         elif not self.window_validate or active >= int(self.window) - self.window_inc:
