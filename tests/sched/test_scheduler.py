@@ -351,3 +351,25 @@ def test_abort_preempted_request() -> None:
     run_until_idle(sched)
     assert a.status is RequestStatus.FINISHED_LENGTH and sched.kv.usage == 0.0
     assert sched.recomputed_tokens == 0  # b never resumed
+
+
+def test_a_preemption_that_empties_the_batch_lets_the_waiting_queue_start() -> None:
+    """The engine must not idle with work queued: when preempting leaves no batch (the only
+    running request lost its KV to pins), the same schedule() releases pins and starts it."""
+    from mars.kv.manager import Retention
+
+    sched = make_scheduler(num_blocks=8, block_size=4, budget=32)  # 32 tokens of KV
+    kv = sched.kv
+    pinned = make_request(prompt=16, output=1, session="pinned")
+    kv.begin(pinned)
+    assert kv.allocate(pinned, 16) is not None
+    pinned.num_computed_tokens = 16
+    kv.finish(pinned, Retention.PIN)  # 4 of 8 blocks held through a tool call
+    req = make_request(prompt=12, output=20, session="a")
+    add_session(sched, req)
+    for _ in range(5):  # 12 prompt tokens + 4 decodes fill the other 4 blocks
+        step(sched)
+    assert kv.num_free_blocks == 0 and req.status is RequestStatus.RUNNING
+    plan, _ = step(sched)  # a needs a 5th block: it is preempted, and starts again at once
+    assert plan.preempted == [req] and batch(plan) == [("a-0", 1)]  # its full blocks hit
+    assert kv.residency("pinned") is Residency.CACHED  # the pin gave way

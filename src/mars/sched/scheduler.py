@@ -93,7 +93,10 @@ class Scheduler:
         self._next_step += 1
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
         self._waiting_blocked = False
-        if not plan.preempted:
+        # vLLM starts no waiting request in a step that preempted, so the victim is not taken
+        # straight back; but if the preemptions emptied the batch, there would be no step at
+        # all to wait for (an idle engine), so the waiting queue has its turn now.
+        if not plan.preempted or plan.is_empty:
             self._waiting_blocked = self._schedule_waiting(plan, budget)
             if plan.total_tokens < self.config.max_num_batched_tokens:
                 self._prefetch(plan)
