@@ -19,6 +19,7 @@ from mars.server.cli import add_serve_parser, run_serve
 from mars.sim.costmodel import GPUS, MODELS
 from mars.sim.costmodel_cli import (
     add_costmodel_parser,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -63,6 +64,19 @@ def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "--gpu/--model roofline",
     )
     p.add_argument("--tool-cores", type=positive_int, default=8, help="CPU cores for tools")
+    p.add_argument(
+        "--tool-workers",
+        type=positive_int,
+        help="tool runs hold one of N workers, first in first out, as `mars serve "
+        "--tool-workers N` (default: no queue)",
+    )
+    p.add_argument(
+        "--tool-overhead",
+        type=non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="seconds each tool run costs on its worker beyond its duration (the sandbox's start)",
+    )
     p.add_argument(
         "--sessions", type=positive_int, help="seeded sample of N sessions (default all)"
     )
@@ -228,6 +242,8 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
         model=model,
         cost_model_file=args.cost_model,
         tool_cores=args.tool_cores,
+        tool_workers=args.tool_workers,
+        tool_overhead_s=args.tool_overhead,
         sessions=args.sessions,
         seed=args.seed,
         tool_stats=args.tool_stats,

@@ -127,6 +127,45 @@ def test_heavy_tools_joining_late_share_from_then_on() -> None:
     assert all(r.done_s is not None for r in out.records)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tool_workers_queue_first_in_first_out(workers: int) -> None:
+    # Four sessions end their first call in the same step; each tool (2 s, light or heavy)
+    # holds a worker, so with W workers the k-th in line waits (k // W) * 2 s plus the
+    # overhead of the runs before it, runs for 2 s + overhead, and the queue wait reaches
+    # the events, the ToolCall and the result's mean.
+    overhead = 0.25
+    specs = [_two_turns(f"s{i}", 2.0, heavy=i % 2 == 0) for i in range(4)]
+    config = SimConfig(tool_cores=4, tool_workers=workers, tool_overhead_s=overhead)
+    out, events = recorded(specs, config=config)
+    ends = {e.session_id: e for e in events if isinstance(e, ToolEnd)}
+    waits = [ends[f"s{k}"].queue_wait_s for k in range(4)]  # s0..s3 asked in that order
+    run = 2.0 + overhead
+    assert waits == [pytest.approx((k // workers) * run, abs=1e-9) for k in range(4)]
+    ends = list(ends.values())
+    assert all(e.duration_s == pytest.approx(run, rel=1e-9) for e in ends)
+    enqueued = [e for e in events if type(e).__name__ == "ToolEnqueued"]
+    assert len(enqueued) == 4
+    assert out.tool_runs == 4
+    assert out.tool_queue_wait_s == pytest.approx(sum(waits), rel=1e-9)
+    assert all(r.done_s is not None for r in out.records)
+
+
+def test_no_tool_workers_means_no_queue() -> None:
+    specs = [_two_turns(f"s{i}", 2.0, heavy=False) for i in range(4)]
+    out, events = recorded(specs, config=SimConfig())
+    ends = [e for e in events if isinstance(e, ToolEnd)]
+    assert [e.queue_wait_s for e in ends] == [0.0] * 4
+    assert not [e for e in events if type(e).__name__ == "ToolEnqueued"]
+    assert out.tool_queue_wait_s == 0.0
+
+
+def test_tool_workers_are_validated() -> None:
+    with pytest.raises(ValueError, match="tool_workers"):
+        SimConfig(tool_workers=0)
+    with pytest.raises(ValueError, match="tool_overhead_s"):
+        SimConfig(tool_overhead_s=-1.0)
+
+
 # ---- event heap: (time, priority, seq) ------------------------------------------------------
 
 

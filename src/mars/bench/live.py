@@ -309,6 +309,7 @@ class LiveBench:
         engine = {k: delta[k] for k in names if k in delta}
         tools = [t for r in recs for t in r.tools]
         heavy = [t for t in tools if t.cpu_heavy and t.nominal_s > 0]
+        light = [t for t in tools if not t.cpu_heavy]
         cores = self.plan.tool_cores
         cpu = {
             "mean_tool_queue_wait_s": statistics.fmean(t.queue_wait_s for t in tools)
@@ -320,6 +321,11 @@ class LiveBench:
             "tool_runs": len(tools),
             "heavy_stretch_mean": statistics.fmean(t.run_s / t.nominal_s for t in heavy)
             if heavy
+            else None,
+            # A light step sleeps its nominal time: the rest of its run is the sandbox's start
+            # and exit (`--tool-overhead` of the simulator).
+            "tool_overhead_s": statistics.fmean(t.run_s - t.nominal_s for t in light)
+            if light
             else None,
         }
         workload = {
@@ -333,6 +339,7 @@ class LiveBench:
             "kv_scale": None,
             "kv_tokens": after.get("kv_tokens"),
             "tool_cores": cores,
+            "tool_workers": self.plan.tool_workers,
             "tools": config.tools,
             "engine_cpus": self.plan.engine_cpus,
             "tool_cpus": self.plan.tool_cpus,

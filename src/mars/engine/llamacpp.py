@@ -4,9 +4,15 @@ One context, many sequence slots, one unified KV cache. The scheduler's KV manag
 one block per cell, at most `n_seq_max` sessions on the GPU) decides; this class mirrors every
 decision in the real cache through the `KVListener` calls: truncations (`llama_memory_seq_rm`),
 offloads (`llama_state_seq_get_data` into host memory), warm restores ahead of a call
-(`prefetched`) and, from the plan, restores (`llama_state_seq_set_data` into any free slot).
-Restores are exact: same cells, same logits as a recompute with the same chunking on an empty
-cache.
+(`prefetched`) and, from the plan, restores (`llama_state_seq_set_data`). Restores are exact:
+same cells, same logits as a recompute with the same chunking on an empty cache.
+
+Host copies are kept in pieces of `PIECE_TOKENS` positions. llama.cpp loads a saved sequence
+into one contiguous run of free cells, and a cache shared by many sessions is fragmented: a whole
+context rarely finds such a run, a piece nearly always does. Each piece is saved from, and loaded
+into, a scratch sequence (`llama_memory_seq_cp` tags cells with a second sequence without copying
+them), then its cells are re-tagged to the session's sequence. A piece that finds no room even
+after compaction is computed instead, from there on: exact too, only slower.
 """
 
 from __future__ import annotations
@@ -25,9 +31,22 @@ from mars.engine.model import Model
 from mars.engine.sampling import SamplingParams
 from mars.sched.plan import StepPlan, StepResult
 
-# A missing tail at most this long is computed, not loaded: loading a host copy moves the whole
-# sequence (~23 KiB a token with SmolLM2), computing a few tokens is cheaper.
-RECOMPUTE_TAIL = 32
+# Positions per piece of a host copy (~2.9 MiB with SmolLM2's ~23 KiB a token): small enough to
+# find contiguous free cells in a fragmented cache, large enough that the per-call cost of
+# llama.cpp's state API (a scan of the cells) stays small against the copy.
+PIECE_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A sequence's KV in host memory: `pieces[i]` holds positions [i * piece_tokens, ...)."""
+
+    piece_tokens: int
+    pieces: tuple[bytes, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -87,7 +106,7 @@ class LlamaCppExecutor:
         cp.n_ctx = config.kv_tokens
         cp.n_batch = config.batch_tokens
         cp.n_ubatch = config.batch_tokens
-        cp.n_seq_max = config.max_sequences
+        cp.n_seq_max = config.max_sequences + 1  # the last one is the pieces' scratch
         cp.n_threads = cp.n_threads_batch = config.threads
         cp.kv_unified = True
         self.ctx = L.llama_init_from_model(model.ptr, cp)
@@ -97,14 +116,15 @@ class LlamaCppExecutor:
         self.mem = L.llama_get_memory(self.ctx)
         self._batch = L.llama_batch_init(config.batch_tokens, 0, 1)
         self._free_seqs = list(range(config.max_sequences - 1, -1, -1))
+        self._scratch = config.max_sequences
         self._seq: dict[str, int] = {}  # session -> sequence slot holding its cells
-        self._host: dict[str, bytes] = {}  # session -> saved sequence state (offloaded KV)
+        self._host: dict[str, HostCopy] = {}  # session -> saved sequence state (offloaded KV)
         self._prompts: dict[str, list[int]] = {}  # request id -> prompt token ids
         self._params: dict[str, SamplingParams] = {}
         self._samplers: dict[str, _Sampler] = {}
         self._eog = model.eog_ids
         self.offload_bytes = 0
-        self.restore_fallbacks = 0  # restores done by recompute (no contiguous free cells)
+        self.restore_fallbacks = 0  # restores that computed a piece (no contiguous free cells)
         self.copy_s = 0.0  # seconds spent copying KV to and from host memory
         # Told (tokens, seconds) of every host-to-cache copy: the live step-time model learns
         # restore costs from it.
@@ -149,43 +169,53 @@ class LlamaCppExecutor:
         if seq is None:
             return
         t0 = time.perf_counter()
-        size = L.llama_state_seq_get_size(self.ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        written = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
-        old = self._host.get(session_id)
-        self.offload_bytes += written - (len(old) if old else 0)
-        self._host[session_id] = ctypes.string_at(buf, written)
+        pieces, scratch = [], self._scratch
+        for first in range(0, num_tokens, PIECE_TOKENS):
+            L.llama_memory_seq_cp(self.mem, seq, scratch, first, first + PIECE_TOKENS)
+            size = L.llama_state_seq_get_size(self.ctx, scratch)
+            buf = (ctypes.c_uint8 * size)()
+            written = L.llama_state_seq_get_data(self.ctx, buf, size, scratch)
+            L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
+            pieces.append(ctypes.string_at(buf, written))
+        self._keep(session_id, HostCopy(PIECE_TOKENS, tuple(pieces)))
         self.copy_s += time.perf_counter() - t0
 
     def prefetched(self, session_id: str, num_tokens: int) -> bool:
-        if session_id not in self._host:
+        copy = self._host.get(session_id)
+        if copy is None:
             return False
         t0 = time.perf_counter()
+        seq = self._slot(session_id)
+        held = L.llama_memory_seq_pos_max(self.mem, seq) + 1
         # No compaction: a warm restore is worth only what it costs off the critical path; if
         # the cells are not there, the call restores (or computes) when it comes.
-        if not self._swap_in(session_id, num_tokens, compact=False):
+        if self._load(copy, seq, held, num_tokens, compact=False) < num_tokens:
+            self.truncated(session_id, held)  # as it was
             return False
-        self._copied(num_tokens, t0)
+        self._copied(num_tokens - held, t0)
         return True
 
-    def host_copy(self, session_id: str) -> bytes | None:
+    def host_copy(self, session_id: str) -> HostCopy | None:
         """The session's KV as `offloaded` saved it in host memory, or None."""
         return self._host.get(session_id)
 
-    def put_host_copy(self, session_id: str, data: bytes) -> None:
-        """Hold `data` (a `host_copy`) as the session's offloaded KV; a plan's restore loads it.
+    def put_host_copy(self, session_id: str, copy: HostCopy) -> None:
+        """Hold `copy` (a `host_copy`) as the session's offloaded KV; a plan's restore loads it.
 
         `mars calibrate` clones one prefilled context into many sessions this way.
         """
+        self._keep(session_id, copy)
+
+    def _keep(self, session_id: str, copy: HostCopy) -> None:
         old = self._host.get(session_id)
-        self.offload_bytes += len(data) - (len(old) if old else 0)
-        self._host[session_id] = data
+        self.offload_bytes += copy.nbytes - (old.nbytes if old else 0)
+        self._host[session_id] = copy
 
     def ended(self, session_id: str) -> None:
         self.truncated(session_id, 0)
         old = self._host.pop(session_id, None)
         if old:
-            self.offload_bytes -= len(old)
+            self.offload_bytes -= old.nbytes
 
     # ---- one step ---------------------------------------------------------------------------
     def _slot(self, session_id: str) -> int:
@@ -202,57 +232,41 @@ class LlamaCppExecutor:
         t0 = time.perf_counter()
         seq = self._slot(req.session_id)
         target, kept = req.num_computed_tokens, req.num_computed_tokens - tokens
-        if kept > 0 and tokens <= RECOMPUTE_TAIL:
-            # A host copy is the whole sequence: for a short missing tail, computing the tail
-            # beside the GPU prefix is cheaper than loading everything again.
-            L.llama_memory_seq_rm(self.mem, seq, kept, -1)
-            self._recompute(req, seq, kept, target)
-            self._copied(tokens, t0)
-            return
-        # Into a spare sequence first, so that the GPU prefix stays if that fails.
-        if self._swap_in(req.session_id, target, compact=True):
-            self._copied(tokens, t0)
-            return
-        L.llama_memory_seq_rm(self.mem, seq, -1 if tokens > kept else kept, -1)
-        if tokens > kept:  # most of it is missing: clear the prefix, load into its room
-            kept = 0
-            data = self._host[req.session_id]
-            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            if self._load(seq, buf, len(data)):
-                L.llama_memory_seq_rm(self.mem, seq, target, -1)
-                self._copied(tokens, t0)
-                return
-        # llama.cpp loads a sequence into one contiguous run of free cells, and there is none
-        # even after compaction. Compute the missing tokens instead: slower, exactly the same
-        # KV, and the engine goes on.
-        self._recompute(req, seq, kept, target)
-        self.restore_fallbacks += 1
+        L.llama_memory_seq_rm(self.mem, seq, kept, -1)
+        copy = self._host[req.session_id]
+        loaded = self._load(copy, seq, kept, target, compact=True)
+        if loaded < target:
+            self._recompute(req, seq, loaded, target)
+            self.restore_fallbacks += 1
         self._copied(tokens, t0)
 
-    def _swap_in(self, session_id: str, target: int, compact: bool) -> bool:
-        """Load the session's host copy into a spare sequence, which becomes the session's,
-        keeping its first `target` tokens; False, with nothing changed, if there is no spare
-        sequence or no contiguous run of free cells (after one compaction with `compact`)."""
-        if not self._free_seqs:
-            return False
-        data = self._host[session_id]
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        spare = self._free_seqs.pop()
-        if compact:
-            loaded = self._load(spare, buf, len(data))
-        else:
-            loaded = L.llama_state_seq_set_data(self.ctx, buf, len(data), spare) != 0
-        if not loaded:
-            L.llama_memory_seq_rm(self.mem, spare, -1, -1)
-            self._free_seqs.append(spare)
-            return False
-        old = self._seq.get(session_id)
-        if old is not None:
-            L.llama_memory_seq_rm(self.mem, old, -1, -1)
-            self._free_seqs.append(old)
-        self._seq[session_id] = spare
-        L.llama_memory_seq_rm(self.mem, spare, target, -1)
-        return True
+    def _load(self, copy: HostCopy, seq: int, start: int, end: int, compact: bool) -> int:
+        """Load positions [start, end) of `copy` into `seq` (which holds [0, start)), piece by
+        piece; the first position not loaded (`end` when all were). With `compact`, a piece
+        that finds no contiguous free cells gets one compaction of the cache, then a retry."""
+        scratch, size = self._scratch, copy.piece_tokens
+        pos = start
+        while pos < end and pos // size < len(copy.pieces):
+            first = pos // size * size
+            data = copy.pieces[pos // size]
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if L.llama_state_seq_set_data(self.ctx, buf, len(data), scratch) == 0:
+                if not compact:
+                    break
+                compact = False  # once: the cells do not move again in this restore
+                L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
+                L.llama_kv_self_defrag(self.ctx)
+                L.llama_kv_self_update(self.ctx)
+                if L.llama_state_seq_set_data(self.ctx, buf, len(data), scratch) == 0:
+                    break
+            stop = min(first + size, end)
+            L.llama_memory_seq_rm(self.mem, scratch, first, pos)  # already on the GPU
+            L.llama_memory_seq_rm(self.mem, scratch, stop, -1)  # not asked for
+            L.llama_memory_seq_cp(self.mem, scratch, seq, -1, -1)
+            L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
+            pos = stop
+        L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
+        return pos
 
     def _copied(self, tokens: int, t0: float) -> None:
         """A restore of `tokens` took since `t0`, however it was done (a copy, or computing what
@@ -261,15 +275,6 @@ class LlamaCppExecutor:
         self.copy_s += elapsed
         if self.on_copy is not None:
             self.on_copy(tokens, elapsed)
-
-    def _load(self, seq: int, buf: ctypes.Array[ctypes.c_uint8], size: int) -> bool:
-        """`llama_state_seq_set_data` into `seq`, compacting the free cells once if needed."""
-        if L.llama_state_seq_set_data(self.ctx, buf, size, seq) != 0:
-            return True
-        L.llama_kv_self_defrag(self.ctx)
-        L.llama_kv_self_update(self.ctx)
-        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        return bool(L.llama_state_seq_set_data(self.ctx, buf, size, seq) != 0)
 
     def _recompute(self, req: Request, seq: int, start: int, end: int) -> None:
         """Prefill positions [start, end) of the request's sequence, in batch-sized chunks."""

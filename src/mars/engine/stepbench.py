@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from mars.core.request import Request
-from mars.engine.llamacpp import LlamaCppExecutor
+from mars.engine.llamacpp import HostCopy, LlamaCppExecutor
 from mars.engine.sampling import SamplingParams
 from mars.sched.plan import StepPlan
 from mars.sim.fitted import Measurement
@@ -30,7 +30,7 @@ class StepBench:
         self._rng = random.Random(seed)
         self._vocab = executor.model.n_vocab
         self._ids = 0
-        self._copies: dict[int, bytes] = {}  # context length -> host KV of context + 1 tokens
+        self._copies: dict[int, HostCopy] = {}  # context length -> host KV of context + 1 tokens
         self.offloads: list[tuple[int, float]] = []  # (tokens, seconds) of every timed offload
 
     def prepare(self, contexts: Sequence[int]) -> None:
@@ -81,7 +81,7 @@ class StepBench:
 
     def kv_bytes_per_token(self) -> float:
         c = max(self._copies)
-        return len(self._copies[c]) / (c + 1)
+        return self._copies[c].nbytes / (c + 1)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _make_copy(self, context: int) -> None:

@@ -34,6 +34,8 @@ class SimSpec:
     gpu: str = "h100"
     model: str = "qwen3-coder-30b-a3b"
     tool_cores: int = 8
+    tool_workers: int | None = None  # FIFO workers every tool holds (None: no queue)
+    tool_overhead_s: float = 0.0  # each tool run's fixed cost on its worker
     rate: float | None = None  # sessions/s, open loop
     arrival: str = "poisson"
     concurrency: int | None = None  # closed loop
@@ -56,6 +58,10 @@ class SimSpec:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.tool_workers is not None and self.tool_workers < 1:
+            raise UsageError(f"--tool-workers must be at least 1, got {self.tool_workers}")
+        if not self.tool_overhead_s >= 0:
+            raise UsageError(f"--tool-overhead must be >= 0 seconds, got {self.tool_overhead_s}")
 
 
 def load_specs(spec: SimSpec) -> list[SessionSpec]:
@@ -86,14 +92,16 @@ def kv_bytes_per_token(cost: CostModel | FittedCostModel) -> float:
 
 
 def with_engine_limits(config: SimConfig, cost: StepCostModel) -> SimConfig:
-    """`config` with the step token budget and sequence slots of the engine a fitted model was
-    measured on (as `mars serve` ran it), so the simulated scheduler batches as the live one
-    does; unchanged for the roofline, which keeps vLLM's defaults."""
+    """`config` with the step token budget, sequence slots and KV granularity of the engine a
+    fitted model was measured on (as `mars serve` ran it: llama.cpp allocates one cell per
+    token), so the simulated scheduler batches and evicts as the live one does; unchanged for
+    the roofline, which keeps vLLM's defaults."""
     if not isinstance(cost, FittedCostModel):
         return config
     meta = cost.preset.metadata
     return replace(
         config,
+        block_size=1,
         max_num_batched_tokens=_positive(meta.get("batch_tokens"), config.max_num_batched_tokens),
         max_num_seqs=_positive(meta.get("max_sequences"), config.max_num_seqs),
     )
@@ -154,6 +162,8 @@ def run_experiment(
     policy = make_policy(spec.policy, dict(spec.policy_settings))
     config = SimConfig(
         tool_cores=spec.tool_cores,
+        tool_workers=spec.tool_workers,
+        tool_overhead_s=spec.tool_overhead_s,
         fast_forward=spec.fast_forward,
         host_kv_tokens=int(spec.host_kv_gb * 1e9 / max(1.0, kv_bytes_per_token(cost))),
     )
@@ -170,7 +180,8 @@ def run_experiment(
     outcome = Simulation(specs, policy, cost, arrivals, config, on_session_done=progress).run()
     if ideal is None:
         ideal = workload_ideals(spec, specs, cost)
-    result = _result(spec, specs, outcome, ideal, cost, time.perf_counter() - t0)
+    wall_s = time.perf_counter() - t0
+    result = _result(spec, specs, outcome, ideal, cost, config.block_size, wall_s)
     result["policy_config"] = parameters(policy)
     return result
 
@@ -180,7 +191,9 @@ def workload_ideals(
 ) -> dict[str, float]:
     """Ideal times of the sessions of `specs` that the system can hold at all."""
     limit = min(cost.max_model_len, cost.kv_capacity_tokens)
-    config = with_engine_limits(SimConfig(tool_cores=spec.tool_cores), cost)
+    # Alone, a session never waits for a tool worker, but each run still pays its overhead.
+    alone = SimConfig(tool_cores=spec.tool_cores, tool_overhead_s=spec.tool_overhead_s)
+    config = with_engine_limits(alone, cost)
     return ideal_times([s for s in specs if s.max_context <= limit], cost, config)
 
 
@@ -199,6 +212,7 @@ def _result(
     out: SimOutcome,
     ideal: dict[str, float],
     cost: CostModel | FittedCostModel,
+    block_size: int,
     wall_s: float,
 ) -> dict[str, Any]:
     sessions = [
@@ -221,13 +235,13 @@ def _result(
         "offloads": out.offloads,
         "restores": out.restores,
         "preemptions": out.preemptions,
-        "capacity_tokens": out.kv_blocks * SimConfig().block_size,
+        "capacity_tokens": out.kv_blocks * block_size,
         "mean_usage": (
             sum(u for _, u in out.kv_usage) / len(out.kv_usage) if out.kv_usage else 0.0
         ),
     }
     cpu = {
-        "mean_tool_queue_wait_s": 0.0,
+        "mean_tool_queue_wait_s": out.tool_queue_wait_s / max(1, out.tool_runs),
         "utilization": out.tool_busy_core_s / (out.tool_cores * span),
         "cores": out.tool_cores,
     }

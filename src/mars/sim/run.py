@@ -24,6 +24,7 @@ from mars.core.events import (
     SessionArrived,
     SessionDone,
     ToolEnd,
+    ToolEnqueued,
     ToolStart,
 )
 from mars.core.request import Request
@@ -34,7 +35,7 @@ from mars.sched.policy import Policy
 from mars.sched.scheduler import Scheduler, SchedulerConfig
 from mars.sim.costmodel import StepCostModel
 from mars.sim.executor import SimExecutor
-from mars.sim.tools import ProcessorSharing
+from mars.sim.tools import ProcessorSharing, WorkerQueue
 from mars.sim.workload import SessionSpec
 
 
@@ -51,6 +52,11 @@ class _Ev(enum.IntEnum):
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     tool_cores: int = 8  # CPU cores for tools (the paper's testbed)
+    # Workers every tool run holds, first in first out (`mars serve --tool-workers`); None: no
+    # queue, every tool starts at once. `tool_overhead_s`: each run's fixed cost on its worker
+    # (the live sandbox's process start), added to its duration.
+    tool_workers: int | None = None
+    tool_overhead_s: float = 0.0
     block_size: int = 16
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
@@ -61,6 +67,10 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.tool_cores < 1:
             raise ValueError("tool_cores must be at least 1")
+        if self.tool_workers is not None and self.tool_workers < 1:
+            raise ValueError("tool_workers must be at least 1")
+        if self.tool_overhead_s < 0:
+            raise ValueError("tool_overhead_s must be non-negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,8 @@ class SimOutcome:
     gpu_busy_s: float
     tool_busy_core_s: float
     tool_cores: int
+    tool_runs: int
+    tool_queue_wait_s: float  # summed over runs
     prompt_tokens: int
     hit_tokens: int
     recomputed_tokens: int
@@ -113,12 +125,13 @@ class SimOutcome:
 class _Agent:
     """Replays one session spec: emits its calls in order and runs its tools."""
 
-    __slots__ = ("record", "session", "spec", "tool_index", "turn_index")
+    __slots__ = ("enqueued_s", "record", "session", "spec", "tool_index", "turn_index")
 
     def __init__(self, spec: SessionSpec, session: Session, record: SessionRecord) -> None:
         self.spec, self.session, self.record = spec, session, record
         self.turn_index = 0
         self.tool_index = 0
+        self.enqueued_s = 0.0  # when its current tool asked for a worker
 
 
 class Simulation:
@@ -155,7 +168,7 @@ class Simulation:
             self.bus,
             self.sessions,
             cost,
-            config.tool_cores,
+            config.tool_workers or config.tool_cores,
         )
         self.policy = policy
         # An engine whose attention scans every used cell (llama.cpp) slows with the cached
@@ -164,6 +177,9 @@ class Simulation:
         self._scans_cache = cost.cache_scan_seconds(1, 1) > 0
         self.executor = SimExecutor(cost, self._cells_in_use if self._scans_cache else None)
         self.heavy = ProcessorSharing(config.tool_cores)
+        self.workers = WorkerQueue(config.tool_workers)
+        self._tool_runs = 0
+        self._tool_wait_s = 0.0
         self._heavy_version = 0
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
@@ -218,6 +234,8 @@ class Simulation:
             self.executor.busy_s,
             self.heavy.busy_core_s,
             self.config.tool_cores,
+            self._tool_runs,
+            self._tool_wait_s,
             self.scheduler.prompt_tokens,
             self.scheduler.hit_tokens,
             self.scheduler.recomputed_tokens,
@@ -372,13 +390,12 @@ class Simulation:
             tool = turn.tools[agent.tool_index]
             now = self.clock.now()
             agent.session.status = SessionStatus.TOOL
-            agent.session.turns[-1].tools.append(ToolCall(tool.category, tool.cpu_heavy, now))
-            self.bus.publish(ToolStart(now, agent.session.session_id, tool.category))
-            if tool.cpu_heavy:
-                self.heavy.add(agent, tool.duration_s, now)
-                self._reschedule_heavy()
-            else:
-                self._push(now + tool.duration_s, _Ev.TOOL_END, agent)
+            agent.enqueued_s = now
+            if self.workers.workers is not None:
+                sid = agent.session.session_id
+                self.bus.publish(ToolEnqueued(now, sid, tool.category, tool.cpu_heavy))
+            if self.workers.acquire(agent):
+                self._start_tool(agent)
             return
         agent.turn_index += 1
         if agent.turn_index < len(agent.spec.turns):
@@ -386,13 +403,40 @@ class Simulation:
         else:
             self._finish_session(agent)
 
+    def _start_tool(self, agent: _Agent) -> None:
+        """`agent`'s current tool has a worker: it runs now (it is in the session's past only
+        from here, as the live runtime reports it)."""
+        tool = agent.spec.turns[agent.turn_index].tools[agent.tool_index]
+        now = self.clock.now()
+        call = ToolCall(tool.category, tool.cpu_heavy, now, queue_wait_s=now - agent.enqueued_s)
+        agent.session.turns[-1].tools.append(call)
+        self.bus.publish(ToolStart(now, agent.session.session_id, tool.category))
+        run_s = tool.duration_s + self.config.tool_overhead_s
+        if tool.cpu_heavy:
+            self.heavy.add(agent, run_s, now)
+            self._reschedule_heavy()
+        else:
+            self._push(now + run_s, _Ev.TOOL_END, agent)
+
     def _tool_done(self, agent: _Agent) -> None:
         now = self.clock.now()
         call = agent.session.turns[-1].tools[-1]
         call.end_time = now
+        self._tool_runs += 1
+        self._tool_wait_s += call.queue_wait_s
         self.bus.publish(
-            ToolEnd(now, agent.session.session_id, call.category, now - call.start_time, 0.0)
+            ToolEnd(
+                now,
+                agent.session.session_id,
+                call.category,
+                now - call.start_time,
+                call.queue_wait_s,
+            )
         )
+        waiting = self.workers.release()
+        if waiting is not None:  # first in line takes the freed worker
+            assert isinstance(waiting, _Agent)
+            self._start_tool(waiting)
         agent.tool_index += 1
         self._next_tool(agent)
 

@@ -1,12 +1,17 @@
-"""Tool execution on N simulated CPU cores.
+"""Tool execution on N simulated CPU cores, optionally behind a pool of W workers.
 
 `cpu_heavy` tools (tests, builds, running Python) are processor-sharing jobs: with n of them on N
 cores each advances at min(1, N/n) seconds of work per second, so oversubscription stretches all
 of them. Light tools (views, edits, searches) take their duration and use no core.
+
+With W workers (`WorkerQueue`, as `mars serve --tool-workers W` runs them), every tool, light or
+heavy, holds a worker while it runs and waits first-in first-out for one when all are busy: the
+live tools runtime's queue, whose wait is the CPU signal's EMA.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -64,3 +69,32 @@ class ProcessorSharing:
         done = [job.key for job in self._jobs if job.remaining_s <= cut]
         self._jobs = [job for job in self._jobs if job.remaining_s > cut]
         return done
+
+
+class WorkerQueue:
+    """First-in first-out tool workers; `workers=None`: a worker for every tool (no queue)."""
+
+    def __init__(self, workers: int | None) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError("tool workers must be at least 1")
+        self.workers = workers
+        self.busy = 0
+        self._queue: deque[object] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def acquire(self, key: object) -> bool:
+        """True if `key` holds a worker now; else it waits in line (see `release`)."""
+        if self.workers is None or self.busy < self.workers:
+            self.busy += 1
+            return True
+        self._queue.append(key)
+        return False
+
+    def release(self) -> object | None:
+        """A run ended: the next in line, which now holds the freed worker, or None."""
+        if self._queue:
+            return self._queue.popleft()
+        self.busy -= 1
+        return None
