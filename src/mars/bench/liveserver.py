@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mars.core.errors import UsageError
+from mars.core.process import die_with_parent
 
 START_TIMEOUT_S = 120.0
 
@@ -43,7 +44,10 @@ def mars_server(serve_args: Sequence[str], log_path: Path) -> Iterator[str]:
     with log_path.open("w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # A killed benchmark takes its server along (no finally runs on SIGTERM/SIGKILL).
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
         try:
             _wait_healthy(proc, base, log_path)
             yield base

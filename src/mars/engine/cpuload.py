@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from mars.core.process import die_with_parent
+
 
 @contextmanager
 def cpu_load(workers: int, cpus: Sequence[int] | None = None) -> Iterator[list[int]]:
@@ -21,6 +23,7 @@ def cpu_load(workers: int, cpus: Sequence[int] | None = None) -> Iterator[list[i
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,  # not left spinning if the measurement is killed
             )
             procs.append(proc)
             if cpus:

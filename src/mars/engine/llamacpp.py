@@ -35,6 +35,8 @@ from mars.sched.plan import StepPlan, StepResult
 # find contiguous free cells in a fragmented cache, large enough that the per-call cost of
 # llama.cpp's state API (a scan of the cells) stays small against the copy.
 PIECE_TOKENS = 128
+# llama.cpp's sequence limit (LLAMA_MAX_SEQ); one sequence is the pieces' scratch.
+MAX_SEQUENCES = 256 - 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         if min(self.kv_tokens, self.max_sequences, self.batch_tokens, self.threads) < 1:
             raise ValueError(f"bad executor config {self}: every value must be positive")
+        if self.max_sequences > MAX_SEQUENCES:
+            raise ValueError(
+                f"at most {MAX_SEQUENCES} sessions can hold KV in llama.cpp at once (its "
+                f"{MAX_SEQUENCES + 1} sequences, one kept for copies), got {self.max_sequences}"
+            )
 
 
 class StepFailed(RuntimeError):

@@ -30,7 +30,7 @@ departures below, and its ablations.
   the design's known hazard: KV usage alone reacts only once KV is squeezed and thrashes when
   contexts grow; the footprint signal sees the growth coming.)
   CPU overload also when the EMA of tool queue wait reaches 5 s (clears at 2.5 s; the simulated
-  pool shares its cores and has no queue, so there only the in-flight count speaks).
+  pool has a queue only with `--tool-workers`, else only the in-flight count speaks).
 - Load balancer (`mars.control.balancer`): arrival order while healthy and everything queued
   fits; otherwise shortest estimated first prefill first, or longest first while the CPUs are
   overloaded; sessions estimated above 50K tokens wait at the tail, packed by the KV-fit check.
