@@ -177,12 +177,17 @@ class LlamaCppExecutor:
             return
         t0 = time.perf_counter()
         pieces, scratch = [], self._scratch
+        buf: ctypes.Array[ctypes.c_uint8] | None = None
         for first in range(0, num_tokens, PIECE_TOKENS):
             L.llama_memory_seq_cp(self.mem, seq, scratch, first, first + PIECE_TOKENS)
-            size = L.llama_state_seq_get_size(self.ctx, scratch)
-            buf = (ctypes.c_uint8 * size)()
-            written = L.llama_state_seq_get_data(self.ctx, buf, size, scratch)
+            written = (
+                0 if buf is None else L.llama_state_seq_get_data(self.ctx, buf, len(buf), scratch)
+            )
+            if not written:  # sized once: the first piece is full, the largest there is
+                buf = (ctypes.c_uint8 * L.llama_state_seq_get_size(self.ctx, scratch))()
+                written = L.llama_state_seq_get_data(self.ctx, buf, len(buf), scratch)
             L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
+            assert buf is not None
             pieces.append(ctypes.string_at(buf, written))
         self._keep(session_id, HostCopy(PIECE_TOKENS, tuple(pieces)))
         self.copy_s += time.perf_counter() - t0
