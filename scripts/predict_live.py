@@ -31,7 +31,12 @@ def predict(live: dict[str, Any], preset: str, capacity: int, queue: bool) -> di
     if rate is None:
         raise UsageError("only open-loop live runs (--rate or --load) can be predicted")
     cores = int(w.get("tool_cores") or 1)
+    # Tools waited on the client (`mars bench --client-tools`) have no workers and no start.
+    queue = queue and w.get("tools") != "client"
     overhead = live["cpu"].get("tool_overhead_s") if queue else None
+    kv_tokens = live["kv"].get("capacity_tokens") or w.get("kv_tokens")
+    if not kv_tokens:
+        raise UsageError(f"{live['policy']} seed {w['seed']}: the live result has no KV size")
     spec = SimSpec(
         traces=w["traces"],
         policy=live["policy"],
@@ -43,7 +48,7 @@ def predict(live: dict[str, Any], preset: str, capacity: int, queue: bool) -> di
         tool_stats=w.get("tool_stats"),
         token_scale=w["token_scale"],
         time_scale=w["time_scale"],
-        kv_scale=int(live["kv"]["capacity_tokens"]) / capacity,
+        kv_scale=int(kv_tokens) / capacity,
         tool_cores=cores,
         # `mars serve` runs one tool per tool CPU unless told otherwise.
         tool_workers=(w.get("tool_workers") or cores) if queue else None,

@@ -94,8 +94,8 @@ def kv_bytes_per_token(cost: CostModel | FittedCostModel) -> float:
 def with_engine_limits(config: SimConfig, cost: StepCostModel) -> SimConfig:
     """`config` with the step token budget, sequence slots and KV granularity of the engine a
     fitted model was measured on (as `mars serve` ran it: llama.cpp allocates one cell per
-    token), so the simulated scheduler batches and evicts as the live one does; unchanged for
-    the roofline, which keeps vLLM's defaults."""
+    token, and only that many sessions hold cells at once), so the simulated scheduler batches
+    and evicts as the live one does; unchanged for the roofline, which keeps vLLM's defaults."""
     if not isinstance(cost, FittedCostModel):
         return config
     meta = cost.preset.metadata
@@ -104,6 +104,7 @@ def with_engine_limits(config: SimConfig, cost: StepCostModel) -> SimConfig:
         block_size=1,
         max_num_batched_tokens=_positive(meta.get("batch_tokens"), config.max_num_batched_tokens),
         max_num_seqs=_positive(meta.get("max_sequences"), config.max_num_seqs),
+        kv_sequences=_positive(meta.get("max_sequences"), 0) or None,
     )
 
 

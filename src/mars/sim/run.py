@@ -62,6 +62,8 @@ class SimConfig:
     max_num_seqs: int = 256
     host_kv_tokens: int = 0  # host memory for offloaded KV, in tokens
     kv_tokens: int | None = None  # KV capacity override; None = the cost model's capacity
+    # Sessions whose KV may be on the GPU at once (llama.cpp's sequence slots); None = any.
+    kv_sequences: int | None = None
     fast_forward: bool = True
 
     def __post_init__(self) -> None:
@@ -155,7 +157,7 @@ class Simulation:
         self.kv_capacity_tokens = num_blocks * config.block_size
         self.max_model_len = cost.max_model_len
         self.kv = KVManager(
-            KVConfig(num_blocks, config.block_size, config.host_kv_tokens),
+            KVConfig(num_blocks, config.block_size, config.host_kv_tokens, config.kv_sequences),
             self.clock,
             self.bus,
         )
