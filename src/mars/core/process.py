@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+# Looked up here, not in the child: loading a library between fork and exec can deadlock.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent() -> None:
@@ -14,5 +17,8 @@ def die_with_parent() -> None:
     SIGTERM or SIGKILL runs no `finally`, so cleanup code alone leaves busy loops and servers
     running). PDEATHSIG fires when the thread that spawned the child ends: spawn from a thread
     that lives as long as the child should. Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is None:
+        return
+    parent = os.getppid()
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0 or os.getppid() != parent:
+        os._exit(1)  # no parent-death signal, or the parent died while it was being set

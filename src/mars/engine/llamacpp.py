@@ -37,13 +37,18 @@ from mars.sched.plan import StepPlan, StepResult
 PIECE_TOKENS = 128
 # llama.cpp's sequence limit (LLAMA_MAX_SEQ); one sequence is the pieces' scratch.
 MAX_SEQUENCES = 256 - 1
+# A missing tail at most this long is computed beside the GPU prefix, not loaded: loading takes
+# a whole piece (and its room in contiguous cells), computing a few tokens is cheaper.
+RECOMPUTE_TAIL = 32
 
 
 @dataclass(frozen=True)
 class HostCopy:
-    """A sequence's KV in host memory: `pieces[i]` holds positions [i * piece_tokens, ...)."""
+    """A sequence's KV in host memory: positions [0, num_tokens), `pieces[i]` holding
+    [i * piece_tokens, (i + 1) * piece_tokens)."""
 
     piece_tokens: int
+    num_tokens: int
     pieces: tuple[bytes, ...]
 
     @property
@@ -179,7 +184,8 @@ class LlamaCppExecutor:
         pieces, scratch = [], self._scratch
         buf: ctypes.Array[ctypes.c_uint8] | None = None
         for first in range(0, num_tokens, PIECE_TOKENS):
-            L.llama_memory_seq_cp(self.mem, seq, scratch, first, first + PIECE_TOKENS)
+            stop = min(first + PIECE_TOKENS, num_tokens)
+            L.llama_memory_seq_cp(self.mem, seq, scratch, first, stop)
             written = (
                 0 if buf is None else L.llama_state_seq_get_data(self.ctx, buf, len(buf), scratch)
             )
@@ -189,7 +195,7 @@ class LlamaCppExecutor:
             L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
             assert buf is not None
             pieces.append(ctypes.string_at(buf, written))
-        self._keep(session_id, HostCopy(PIECE_TOKENS, tuple(pieces)))
+        self._keep(session_id, HostCopy(PIECE_TOKENS, num_tokens, tuple(pieces)))
         self.copy_s += time.perf_counter() - t0
 
     def prefetched(self, session_id: str, num_tokens: int) -> bool:
@@ -246,10 +252,11 @@ class LlamaCppExecutor:
         target, kept = req.num_computed_tokens, req.num_computed_tokens - tokens
         L.llama_memory_seq_rm(self.mem, seq, kept, -1)
         copy = self._host[req.session_id]
-        loaded = self._load(copy, seq, kept, target, compact=True)
+        short = kept > 0 and tokens <= RECOMPUTE_TAIL
+        loaded = kept if short else self._load(copy, seq, kept, target, compact=True)
         if loaded < target:
             self._recompute(req, seq, loaded, target)
-            self.restore_fallbacks += 1
+            self.restore_fallbacks += not short
         self._copied(tokens, t0)
 
     def _load(self, copy: HostCopy, seq: int, start: int, end: int, compact: bool) -> int:
@@ -258,7 +265,8 @@ class LlamaCppExecutor:
         that finds no contiguous free cells gets one compaction of the cache, then a retry."""
         scratch, size = self._scratch, copy.piece_tokens
         pos = start
-        while pos < end and pos // size < len(copy.pieces):
+        end = min(end, copy.num_tokens)
+        while pos < end:
             first = pos // size * size
             data = copy.pieces[pos // size]
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
