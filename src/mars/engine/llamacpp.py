@@ -31,15 +31,14 @@ from mars.engine.model import Model
 from mars.engine.sampling import SamplingParams
 from mars.sched.plan import StepPlan, StepResult
 
-# Positions per piece of a host copy (~2.9 MiB with SmolLM2's ~23 KiB a token): small enough to
-# find contiguous free cells in a fragmented cache, large enough that the per-call cost of
-# llama.cpp's state API (a scan of the cells) stays small against the copy.
-PIECE_TOKENS = 128
+# Positions per piece of a host copy. A piece needs that many contiguous free cells, and a cache
+# shared by sessions that decode together holds their cells interleaved (one per sequence per
+# step), so the cells an eviction frees lie in short runs: with 128-token pieces 57 of 92
+# restores of one live benchmark run still had to compute (`mars bench`, seed 3). Each piece
+# costs a few calls that scan the cells, cheap beside computing even one token.
+PIECE_TOKENS = 8
 # llama.cpp's sequence limit (LLAMA_MAX_SEQ); one sequence is the pieces' scratch.
 MAX_SEQUENCES = 256 - 1
-# A missing tail at most this long is computed beside the GPU prefix, not loaded: loading takes
-# a whole piece (and its room in contiguous cells), computing a few tokens is cheaper.
-RECOMPUTE_TAIL = 32
 
 
 @dataclass(frozen=True)
@@ -252,11 +251,10 @@ class LlamaCppExecutor:
         target, kept = req.num_computed_tokens, req.num_computed_tokens - tokens
         L.llama_memory_seq_rm(self.mem, seq, kept, -1)
         copy = self._host[req.session_id]
-        short = kept > 0 and tokens <= RECOMPUTE_TAIL
-        loaded = kept if short else self._load(copy, seq, kept, target, compact=True)
+        loaded = self._load(copy, seq, kept, target, compact=True)
         if loaded < target:
             self._recompute(req, seq, loaded, target)
-            self.restore_fallbacks += not short
+            self.restore_fallbacks += 1
         self._copied(tokens, t0)
 
     def _load(self, copy: HostCopy, seq: int, start: int, end: int, compact: bool) -> int:
