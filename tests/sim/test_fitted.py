@@ -144,8 +144,9 @@ def test_simulated_scheduler_takes_the_calibrated_engines_limits() -> None:
     meta = {"batch_tokens": 256, "max_sequences": 16}
     config = with_engine_limits(SimConfig(), FittedCostModel(make_preset(metadata=meta)))
     assert (config.max_num_batched_tokens, config.max_num_seqs) == (256, 16)
+    assert (config.block_size, config.kv_sequences) == (1, 16)  # llama.cpp: a cell per token
     unknown = with_engine_limits(SimConfig(), FittedCostModel(make_preset(metadata={})))
-    assert unknown == SimConfig()
+    assert unknown == replace(SimConfig(), block_size=1)
 
 
 # ---- preset files ------------------------------------------------------------------------------
