@@ -182,19 +182,19 @@ class LlamaCppExecutor:
         t0 = time.perf_counter()
         pieces, scratch = [], self._scratch
         buf: ctypes.Array[ctypes.c_uint8] | None = None
+        saved = 0
         for first in range(0, num_tokens, PIECE_TOKENS):
             stop = min(first + PIECE_TOKENS, num_tokens)
             L.llama_memory_seq_cp(self.mem, seq, scratch, first, stop)
-            written = (
-                0 if buf is None else L.llama_state_seq_get_data(self.ctx, buf, len(buf), scratch)
-            )
-            if not written:  # sized once: the first piece is full, the largest there is
+            if buf is None:  # sized once (get_size serialises too): the first piece is full
                 buf = (ctypes.c_uint8 * L.llama_state_seq_get_size(self.ctx, scratch))()
-                written = L.llama_state_seq_get_data(self.ctx, buf, len(buf), scratch)
+            written = L.llama_state_seq_get_data(self.ctx, buf, len(buf), scratch)
             L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
-            assert buf is not None
+            if not written:
+                break  # keep the pieces before it: a restore computes the rest, exactly
             pieces.append(ctypes.string_at(buf, written))
-        self._keep(session_id, HostCopy(PIECE_TOKENS, num_tokens, tuple(pieces)))
+            saved = stop
+        self._keep(session_id, HostCopy(PIECE_TOKENS, saved, tuple(pieces)))
         self.copy_s += time.perf_counter() - t0
 
     def prefetched(self, session_id: str, num_tokens: int) -> bool:
