@@ -125,3 +125,23 @@ def test_prefetch_that_finds_no_room_leaves_the_sequence_as_it_was(model: Model)
     ex.ended("f")
     assert ex.prefetched("a", 600)
     assert L.llama_memory_seq_pos_max(ex.mem, ex._seq["a"]) + 1 == 600
+
+
+def test_restore_into_the_single_cells_of_sessions_that_decoded_together(model: Model) -> None:
+    # Four sessions step one position each per batch (as decode does): their cells interleave,
+    # so what one of them frees is a 100-cell run and then 150 single cells between the others'.
+    ex = executor(model)
+    reqs = [request(ex, f"s{i}", [*prompt_of(model, 250, seed=20 + i), 0]) for i in range(4)]
+    for r in reqs:
+        prefill(ex, r, 100)
+    for _ in range(150):
+        ex.execute(StepPlan(0, reqs, [1] * 4, [r.num_computed_tokens for r in reqs]))
+        for r in reqs:
+            r.num_computed_tokens += 1
+    ex.offloaded("s1", 250)
+    ex.truncated("s1", 0)  # 274 free cells: the 24 never used, the 100-run, 150 single ones
+    b = request(ex, "s1", [*prompt_of(model, 250, seed=21), 0, 5], turn=1)
+    b.num_computed_tokens = 250
+    step(ex, b, 2, restore=250)
+    assert ex.restore_fallbacks == 0  # a multi-cell piece would have found no room
+    assert L.llama_memory_seq_pos_max(ex.mem, ex._seq["s1"]) + 1 == 252

@@ -230,3 +230,35 @@ def test_mars_counts_cpu_heavy_tools_per_worker() -> None:
     assert policy.cpu_load() == 2.0
     policy.on_tick()
     assert policy.window == policy.window_start * policy.window_dec  # overloaded: decrease
+
+
+def test_mars_pins_for_the_time_away_and_a_lapsed_pin_is_written_back() -> None:
+    from mars.core.events import EventBus
+    from mars.core.request import Request
+    from mars.kv.manager import KVConfig, KVManager
+    from mars.sched.policies.mars import MarsPolicy
+    from mars.sched.scheduler import SchedulerConfig
+
+    clock, bus = SimClock(), EventBus()
+    policy = MarsPolicy()
+    kv = KVManager(KVConfig(256, 4, 10_000), clock, bus)
+    # A slow host link makes a restore dearer than a pin at this pressure: mars pins.
+    sched = Scheduler(SchedulerConfig(64, 16), policy, kv, clock, bus, {}, _Timer(0.01, 1.0))
+    bus.publish(ToolEnd(0.0, "x", "test", 0.1, 0.0))  # the tool itself runs 0.1 s
+    _finish_with_tool(sched, "test")
+    assert kv.residency("a") is Residency.GPU
+    assert policy.expected_away("test") == 0.1  # nothing learned yet but the run time
+    # The session calls again 1 s after its call ended (queue wait, more tools, the agent).
+    clock.advance(1.0)
+    add_session(sched, Request("a-1", "a", 60, 3, 40, clock.now(), 1))
+    assert policy.expected_away("test") == 1.0
+    run_until_idle(sched)
+    assert kv.residency("a") is Residency.GPU  # pinned again, now for twice 1 s
+    clock.advance(1.9)
+    policy.on_tick()
+    assert kv.residency("a") is Residency.GPU  # a run-time pin (0.2 s) would have lapsed
+    clock.advance(0.2)
+    policy.on_tick()
+    # Lapsed: ordinary cache, but written back to host memory if it is evicted, not dropped.
+    assert kv.residency("a") is Residency.CACHED and kv.offload_pending("a")
+    kv.check_integrity()

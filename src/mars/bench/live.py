@@ -78,6 +78,7 @@ class LivePlan:
     unsafe_tools: bool = False
     client_tools: bool = False  # wait tool time on the client instead of the tools API
     capacity_concurrencies: tuple[int, ...] = CAPACITY_CONCURRENCIES
+    events: bool = False  # keep each run's event stream beside its server log
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -182,8 +183,12 @@ class LiveBench:
         from mars.agents.replay import ReplayConfig
 
         self._runs += 1
-        log = self.plan.out / f"serve-{self._runs:02d}-{policy}-seed{seed}.log"
-        with mars_server(self.plan.serve_args(policy), log) as base:
+        name = f"{self._runs:02d}-{policy}-seed{seed}"
+        log = self.plan.out / f"serve-{name}.log"
+        args = self.plan.serve_args(policy)
+        if self.plan.events:
+            args += ["--events", str(self.plan.out / f"events-{name}.jsonl")]
+        with mars_server(args, log) as base:
             if self.rates is None:
                 self.rates = asyncio.run(probe_rates(base))
                 self.say(

@@ -79,6 +79,11 @@ def add_bench_parser(sub: argparse._SubParsersAction[P]) -> None:
         default=[1, 2, 4, 8],
         help="closed-loop points of the fcfs capacity curve for --load (default 1,2,4,8)",
     )
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="keep each run's events (mars serve --events) in OUT/events-NN-POLICY-seedS.jsonl",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output directory")
 
@@ -121,6 +126,7 @@ def run_bench(args: argparse.Namespace) -> int:
         unsafe_tools=args.unsafe_tools,
         client_tools=args.client_tools,
         capacity_concurrencies=tuple(args.capacity_concurrencies),
+        events=args.events,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     load_specs(plan.spec(plan.seeds[0]))  # a bad trace file fails before any server starts

@@ -87,6 +87,7 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
     policies = list(dict.fromkeys(r["policy"] for r in results))
     xs = sorted({_x(r) for r in results})
     xname = _xname(results)
+    rate_head = "" if xname == "rate /s" else " rate /s |"  # the x column may be the rate
     live = bool(results) and results[0]["executor"] == "llamacpp"
     lines = ["# mars bench" if live else "# mars sweep", ""]
     lines.append(_setup(results))
@@ -103,18 +104,19 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
         "",
         "## Results",
         "",
-        f"| policy | {xname} | rate /s | mean latency s | p95 latency s | mean slowdown "
+        f"| policy | {xname} |{rate_head} mean latency s | p95 latency s | mean slowdown "
         "| goodput | steady sessions/s | KV hit rate | preemptions | unstable |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if rate_head else ""),
     ]
     for x in xs:
         for p in policies:
             g = groups.get((p, x), [])
             if not g:
                 continue
+            rate = f" {_rate(g[0])} |" if rate_head else ""
             lines.append(
-                f"| {p} | {x:g} | {_rate(g[0])} "
-                f"| {_ms([_get('latency_s.mean')(r) for r in g])} "
+                f"| {p} | {x:g} |{rate}"
+                f" {_ms([_get('latency_s.mean')(r) for r in g])} "
                 f"| {_ms([_get('latency_s.p95')(r) for r in g])} "
                 f"| {_ms([_get('slowdown.mean')(r) for r in g])} "
                 f"| {statistics.fmean(_get('goodput.fraction')(r) for r in g):.0%} "

@@ -9,10 +9,10 @@ same cells, same logits as a recompute with the same chunking on an empty cache.
 
 Host copies are kept in pieces of `PIECE_TOKENS` positions. llama.cpp loads a saved sequence
 into one contiguous run of free cells, and a cache shared by many sessions is fragmented: a whole
-context rarely finds such a run, a piece nearly always does. Each piece is saved from, and loaded
-into, a scratch sequence (`llama_memory_seq_cp` tags cells with a second sequence without copying
-them), then its cells are re-tagged to the session's sequence. A piece that finds no room even
-after compaction is computed instead, from there on: exact too, only slower.
+context rarely finds such a run, a one-cell piece always does. Each piece is saved from, and
+loaded into, a scratch sequence (`llama_memory_seq_cp` tags cells with a second sequence without
+copying them), then its cells are re-tagged to the session's sequence. A piece that finds no
+free cell is computed instead, from there on: exact too, only slower.
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ from mars.sched.plan import StepPlan, StepResult
 
 # Positions per piece of a host copy. A piece needs that many contiguous free cells, and a cache
 # shared by sessions that decode together holds their cells interleaved (one per sequence per
-# step), so the cells an eviction frees lie in short runs: with 128-token pieces 57 of 92
-# restores of one live benchmark run still had to compute (`mars bench`, seed 3). Each piece
-# costs a few calls that scan the cells, cheap beside computing even one token.
-PIECE_TOKENS = 8
+# step), so the cells an eviction frees are often single: after four sessions decoded 150 tokens
+# together, a 250-token copy evicted from among them loaded only 120 tokens in 8-, 4- or 2-token
+# pieces (124 at best), all 250 in 1-token ones; with 8-token pieces 33 of 61 restores of one
+# live benchmark run computed (`mars bench`, seed 2). llama_kv_self_defrag does not compact this
+# cache (120 -> 128 tokens), so there is no second try. A one-cell piece costs ~0.12 ms to save
+# and as much to load (250 tokens: 32 ms and 30 ms), ~50x less than computing it; its headers
+# add 3% to the copy's bytes.
+PIECE_TOKENS = 1
 # llama.cpp's sequence limit (LLAMA_MAX_SEQ); one sequence is the pieces' scratch.
 MAX_SEQUENCES = 256 - 1
 
@@ -204,9 +208,9 @@ class LlamaCppExecutor:
         t0 = time.perf_counter()
         seq = self._slot(session_id)
         held = L.llama_memory_seq_pos_max(self.mem, seq) + 1
-        # No compaction: a warm restore is worth only what it costs off the critical path; if
-        # the cells are not there, the call restores (or computes) when it comes.
-        if self._load(copy, seq, held, num_tokens, compact=False) < num_tokens:
+        # All or nothing: if the cells are not there, the call restores (or computes) when it
+        # comes.
+        if self._load(copy, seq, held, num_tokens) < num_tokens:
             self.truncated(session_id, held)  # as it was
             return False
         self._copied(num_tokens - held, t0)
@@ -251,16 +255,15 @@ class LlamaCppExecutor:
         target, kept = req.num_computed_tokens, req.num_computed_tokens - tokens
         L.llama_memory_seq_rm(self.mem, seq, kept, -1)
         copy = self._host[req.session_id]
-        loaded = self._load(copy, seq, kept, target, compact=True)
+        loaded = self._load(copy, seq, kept, target)
         if loaded < target:
             self._recompute(req, seq, loaded, target)
             self.restore_fallbacks += 1
         self._copied(tokens, t0)
 
-    def _load(self, copy: HostCopy, seq: int, start: int, end: int, compact: bool) -> int:
+    def _load(self, copy: HostCopy, seq: int, start: int, end: int) -> int:
         """Load positions [start, end) of `copy` into `seq` (which holds [0, start)), piece by
-        piece; the first position not loaded (`end` when all were). With `compact`, a piece
-        that finds no contiguous free cells gets one compaction of the cache, then a retry."""
+        piece; the first position not loaded (`end` when all were)."""
         scratch, size = self._scratch, copy.piece_tokens
         pos = start
         end = min(end, copy.num_tokens)
@@ -269,14 +272,7 @@ class LlamaCppExecutor:
             data = copy.pieces[pos // size]
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             if L.llama_state_seq_set_data(self.ctx, buf, len(data), scratch) == 0:
-                if not compact:
-                    break
-                compact = False  # once: the cells do not move again in this restore
-                L.llama_memory_seq_rm(self.mem, scratch, -1, -1)
-                L.llama_kv_self_defrag(self.ctx)
-                L.llama_kv_self_update(self.ctx)
-                if L.llama_state_seq_set_data(self.ctx, buf, len(data), scratch) == 0:
-                    break
+                break
             stop = min(first + size, end)
             L.llama_memory_seq_rm(self.mem, scratch, first, pos)  # already on the GPU
             L.llama_memory_seq_rm(self.mem, scratch, stop, -1)  # not asked for

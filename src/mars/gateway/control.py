@@ -73,7 +73,7 @@ class PooledKV:
             return UNKNOWN_CAPACITY
         return max(f or 0 for f in free)
 
-    def unpin(self, session_id: str) -> None:
+    def unpin(self, session_id: str, offload: bool = False) -> None:
         """Pins are the upstream engine's business; nothing is pinned here."""
 
 

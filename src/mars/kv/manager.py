@@ -335,11 +335,13 @@ class KVManager:
         self._emit(KvRestore, session_id, tokens)
         return tokens
 
-    def unpin(self, session_id: str) -> None:
-        """A pinned chain becomes ordinary prefix cache (evictable)."""
+    def unpin(self, session_id: str, offload: bool = False) -> None:
+        """A pinned chain becomes ordinary prefix cache (evictable); with `offload`, written back
+        to host memory if it is evicted (as `finish` with OFFLOAD)."""
         self._pinned.pop(session_id, None)
         chain = self._chains.get(session_id)
         if chain is not None and chain.pinned:
+            chain.offload_on_evict = offload
             self._release(chain, chain.num_tokens)
 
     def unpin_oldest(self) -> bool:

@@ -103,8 +103,8 @@ class PoolView:
     def usage(self) -> float:
         return self._usage()
 
-    def unpin(self, session_id: str) -> None:
-        self._unpin(session_id)
+    def unpin(self, session_id: str, offload: bool = False) -> None:
+        self._unpin(session_id)  # no host tier here: a lapsed pin is vLLM prefix cache
 
 
 class SessionBook:

@@ -33,8 +33,11 @@ class ToolDurations:
         self._n: dict[str, int] = {}
 
     def observe(self, event: ToolEnd) -> None:
-        for key in (event.category, ""):  # "" pools every category
-            self._sum[key] = self._sum.get(key, 0.0) + event.duration_s
+        self.add(event.category, event.duration_s)
+
+    def add(self, category: str, seconds: float) -> None:
+        for key in (category, ""):  # "" pools every category
+            self._sum[key] = self._sum.get(key, 0.0) + seconds
             self._n[key] = self._n.get(key, 0) + 1
 
     def mean(self, category: str) -> float | None:

@@ -15,9 +15,13 @@ departures below, and its ablations.
   drop it, whichever costs the session's critical path least. Not keeping it costs the restore
   (host link) or the recompute (step-time model) on return; keeping it costs the memory it denies
   everyone else for the tool's expected duration (running mean per tool category, learned online),
-  priced by current pressure p as `T * (C / capacity) * p / (1 - p)` seconds. A pin lapses after
-  twice the expected duration. (Departure: a closed-form price instead of the paper's
-  distribution integral; both pin only when a warm resume pays at current pressure.)
+  priced by current pressure p as `T * (C / capacity) * p / (1 - p)` seconds. T is how long
+  sessions stayed away after calls ending in that tool category (call end to next call, learned
+  online): what a pin must outlast is the run plus its queue wait, the turn's further tools and
+  the agent's own time, not the run alone (live, 0.66 s away against 0.24 s of tool run per
+  call). A pin lapses after twice T into a write-back offload, not a drop. (Departure: a
+  closed-form price instead of the paper's distribution integral; both pin only when a warm
+  resume pays at current pressure.)
 - Control plane: an AIMD window of admitted sessions (start 30, min 4, +1 per healthy 0.2 s
   tick while the window binds, x0.7 when overloaded) with a KV-fit check at admission.
   (Departure, `window_validate`: the paper grows the window on every healthy tick; unbounded
@@ -49,7 +53,14 @@ from collections.abc import Sequence
 
 from mars.control.balancer import BalancerMode, order_sessions
 from mars.control.signals import ToolQueueWait
-from mars.core.events import AdmissionWindow, SessionDone, ToolEnd, ToolEnqueued, ToolStart
+from mars.core.events import (
+    AdmissionWindow,
+    RequestEmit,
+    SessionDone,
+    ToolEnd,
+    ToolEnqueued,
+    ToolStart,
+)
 from mars.core.request import Request, RequestStatus
 from mars.core.session import Session, SessionStatus
 from mars.kv.manager import Residency, Retention
@@ -66,7 +77,7 @@ class MarsPolicy(BasePolicy):
     aging_s = 30.0
     # retention
     retention_on = True
-    pin_lapse = 2.0  # a pin lapses after this many expected tool durations
+    pin_lapse = 2.0  # a pin lapses after this many expected times away
     # admission (AIMD)
     admission = True
     window_start = 30
@@ -91,7 +102,9 @@ class MarsPolicy(BasePolicy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.durations = ToolDurations()
+        self.durations = ToolDurations()  # tool runs: when a running tool should end
+        self.away = ToolDurations()  # call end to next call, per tool category: what a pin spans
+        self._left: dict[str, tuple[float, str]] = {}  # session -> (its call ended, tool category)
         self.queue_wait = ToolQueueWait()
         self._cpu_overloaded = False
         self._prefetch_due = False
@@ -108,6 +121,7 @@ class MarsPolicy(BasePolicy):
         ctx.bus.subscribe(ToolEnqueued, self.queue_wait.enqueued)
         ctx.bus.subscribe(ToolStart, self.queue_wait.started)
         ctx.bus.subscribe(SessionDone, self._session_done)
+        ctx.bus.subscribe(RequestEmit, self._returned)
 
     def _now(self) -> float:
         assert self.ctx is not None, "bind() first"
@@ -191,16 +205,32 @@ class MarsPolicy(BasePolicy):
         return due
 
     # ---- retention ----------------------------------------------------------------------------
+    def _returned(self, event: RequestEmit) -> None:
+        left = self._left.pop(event.session_id, None)
+        if left is not None:
+            self.away.add(left[1], event.time - left[0])
+
+    def expected_away(self, category: str) -> float:
+        """Expected seconds until a session whose call ended in a `category` tool call calls
+        again: learned times away, else tool run times, else 1 s."""
+        for learned in (self.away, self.durations):
+            mean = learned.mean(category)
+            if mean is None:
+                mean = learned.mean_any()
+            if mean is not None:
+                return mean
+        return 1.0
+
     def retention(self, session: Session, req: Request) -> Retention:
         assert self.ctx is not None
         timer = self.ctx.timer
+        if req.next_tool is not None:
+            self._left[session.session_id] = (self._now(), req.next_tool)
         if not self.retention_on or req.next_tool is None or timer is None:
             return Retention.DROP
         kv = self.ctx.kv
         c = req.num_computed_tokens
-        expected = self.durations.mean(req.next_tool)
-        if expected is None:
-            expected = self.durations.mean_any() or 1.0
+        expected = self.expected_away(req.next_tool)
         recompute = timer.step_seconds(1, c, c * (c + 1) // 2, c)
         host_room = kv.config.host_capacity_tokens - kv.host_used_tokens >= c
         restore = timer.transfer_seconds(c) if host_room else math.inf
@@ -258,6 +288,7 @@ class MarsPolicy(BasePolicy):
 
     def _session_done(self, event: SessionDone) -> None:
         self._count_at = None
+        self._left.pop(event.session_id, None)
 
     def footprint(self) -> float:
         assert self.ctx is not None
@@ -323,7 +354,7 @@ class MarsPolicy(BasePolicy):
         for sid, t in list(self._pins.items()):
             if t <= now:
                 del self._pins[sid]
-                self.ctx.kv.unpin(sid)
+                self.ctx.kv.unpin(sid, offload=True)  # if it is evicted now, it goes to host
         self._prefetch_due = True
         if not self.admission:
             return
