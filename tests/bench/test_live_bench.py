@@ -34,7 +34,7 @@ def test_bench_writes_results_and_report(tmp_path: Path) -> None:
     proc = bench(
         "--traces", str(TRACES), "--policies", "fcfs", "--sessions", "2", "--concurrency", "2",
         "--token-scale", "0.005", "--time-scale", "0.01", "--client-tools", "--kv-tokens", "4096",
-        "--out", str(out), *unsafe_tools(),
+        "--events", "--out", str(out), *unsafe_tools(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = json.loads((out / "results.json").read_text())
@@ -51,6 +51,10 @@ def test_bench_writes_results_and_report(tmp_path: Path) -> None:
     assert report.startswith("# mars bench") and "| fcfs | 2 |" in report
     assert (out / "latency.png").is_file() and list(out.glob("serve-*.log"))
     assert "idle server: prefill" in proc.stdout
+    (stream,) = out.glob("events-01-fcfs-seed0.jsonl")  # --events: the run's event stream
+    events = [json.loads(line) for line in stream.read_text().splitlines()]
+    done = {e["session_id"] for e in events if e["event"] == "session_done"}
+    assert {s["session_id"] for s in result["per_session"]} <= done
 
 
 @pytest.mark.parametrize(
