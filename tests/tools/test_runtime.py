@@ -124,15 +124,16 @@ def test_unsafe_mode_runs_in_the_workspace_with_limits_and_kills_the_tree() -> N
             ws = rt.workspaces.get("u")
             assert ws is not None
             assert r.stdout.split() == [str(ws.path), "0", str(2 << 20)]
-            hung = await rt.run("u", "sleep 1003 & sleep 1004", 0.5)
+            hung = await rt.run("u", "sleep 1003.75 & sleep 1004.75", 0.5)
             assert hung.timed_out and hung.exit_code == 137
             await asyncio.sleep(0.1)
-            assert host_pids("sleep 100") == []
+            assert host_pids("sleep 1003.75", "sleep 1004.75") == []
             if ROOT_USER:  # a daemon that left the process group dies with its session's uid
-                await rt.run("u", "setsid sleep 1005 > /dev/null 2>&1 < /dev/null & sleep 0.3", 5)
+                daemon = "setsid sleep 1005.75 > /dev/null 2>&1 < /dev/null & sleep 0.3"
+                await rt.run("u", daemon, 5)
                 assert ws.uid is not None and processes_of(ws.uid)
                 await rt.end_session("u")
-                assert host_pids("sleep 1005") == []
+                assert host_pids("sleep 1005.75") == []
 
     asyncio.run(scenario())
 

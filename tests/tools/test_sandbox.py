@@ -126,15 +126,15 @@ def test_a_hanging_tool_is_killed_at_its_timeout_and_leaves_nothing_behind() -> 
     async def scenario() -> None:
         async with tool_runtime() as rt:
             start = time.monotonic()
-            r = await rt.run("h", "sleep 1000 & sleep 1001", 1)
+            r = await rt.run("h", "sleep 1000.75 & sleep 1001.75", 1)
             assert r.timed_out and r.exit_code == 137
             assert 1.0 <= time.monotonic() - start < 3
             assert 1.0 <= r.run_s < 3
             for _ in range(40):
-                if not host_pids("sleep 100"):
+                if not host_pids("sleep 1000.75", "sleep 1001.75"):
                     break
                 await asyncio.sleep(0.05)
-            assert host_pids("sleep 100") == []
+            assert host_pids("sleep 1000.75", "sleep 1001.75") == []
             ws = rt.workspaces.get("h")
             assert ws is not None
             if ws.uid is not None:

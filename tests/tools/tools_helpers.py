@@ -35,8 +35,9 @@ async def tool_runtime(
     assert not rt.workspaces.root.exists() or config.get("workspace_root") is not None
 
 
-def host_pids(marker: str) -> list[int]:
-    """Host pids whose command line contains `marker` (zombies excluded)."""
+def host_pids(*markers: str) -> list[int]:
+    """Host pids whose command line contains one of `markers` (zombies excluded). Markers are
+    odd numbers (`sleep 1000.75`) so that no other process on the host matches them."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -46,6 +47,6 @@ def host_pids(marker: str) -> list[int]:
             state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker.encode() in cmdline and state not in ("Z", "X"):
+        if any(m.encode() in cmdline for m in markers) and state not in ("Z", "X"):
             found.append(int(entry.name))
     return found
