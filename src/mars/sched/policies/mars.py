@@ -14,14 +14,14 @@ departures below, and its ablations.
 - Adaptive retention at each tool call: keep the KV on the GPU, offload it to host memory, or
   drop it, whichever costs the session's critical path least. Not keeping it costs the restore
   (host link) or the recompute (step-time model) on return; keeping it costs the memory it denies
-  everyone else for the tool's expected duration (running mean per tool category, learned online),
-  priced by current pressure p as `T * (C / capacity) * p / (1 - p)` seconds. T is how long
-  sessions stayed away after calls ending in that tool category (call end to next call, learned
-  online): what a pin must outlast is the run plus its queue wait, the turn's further tools and
-  the agent's own time, not the run alone (live, 0.66 s away against 0.24 s of tool run per
-  call). A pin lapses after twice T into a write-back offload, not a drop. (Departure: a
-  closed-form price instead of the paper's distribution integral; both pin only when a warm
-  resume pays at current pressure.)
+  everyone else for the expected time away T, priced by current pressure p as
+  `T * (C / capacity) * p / (1 - p)` seconds. T is the running mean of how long sessions stayed
+  away after calls ending in that tool category (call end to next call, learned online): what a
+  pin must outlast is the run plus its queue wait, the turn's further tools and the agent's own
+  time, not the run alone (live, 0.66 s away against 0.24 s of tool run per call). A pin
+  lapses after twice T into a write-back offload, not a drop. (Departure: a closed-form price
+  instead of the paper's distribution integral; both pin only when a warm resume pays at
+  current pressure.)
 - Control plane: an AIMD window of admitted sessions (start 30, min 4, +1 per healthy 0.2 s
   tick while the window binds, x0.7 when overloaded) with a KV-fit check at admission.
   (Departure, `window_validate`: the paper grows the window on every healthy tick; unbounded
