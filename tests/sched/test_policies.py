@@ -262,3 +262,44 @@ def test_mars_pins_for_the_time_away_and_a_lapsed_pin_is_written_back() -> None:
     # Lapsed: ordinary cache, but written back to host memory if it is evicted, not dropped.
     assert kv.residency("a") is Residency.CACHED and kv.offload_pending("a")
     kv.check_integrity()
+
+
+def test_mars_footprint_counts_a_session_away_without_its_kv_by_its_duty() -> None:
+    from mars.core.events import EventBus
+    from mars.core.request import Request
+    from mars.core.session import Session, SessionStatus, Turn
+    from mars.kv.manager import KVConfig, KVManager
+    from mars.sched.policies.mars import MarsPolicy
+    from mars.sched.scheduler import SchedulerConfig
+
+    clock, bus = SimClock(), EventBus()
+    policy = MarsPolicy()
+    policy.retention_on = False  # every call's KV is let go: nobody holds it while away
+    kv = KVManager(KVConfig(256, 4), clock, bus)
+    sched = Scheduler(SchedulerConfig(64, 16), policy, kv, clock, bus, {}, _Timer(0.01, 0.0))
+    assert policy.duty() == 1.0  # nothing learned: every context counts whole
+    # Session a: a 1 s call, 3 s away, another 1 s call: a quarter of its cycle is in calls.
+    clock.advance(1.0)
+    _finish_with_tool(sched, "test")
+    clock.advance(3.0)
+    add_session(sched, Request("a-1", "a", 60, 3, 40, clock.now(), 1))
+    clock.advance(1.0)
+    run_until_idle(sched)
+    assert policy.duty() == 0.25
+    a = sched.sessions["a"]
+    a.admitted_time, a.status = 0.0, SessionStatus.TOOL
+    assert kv.residency("a") is not Residency.GPU
+    b = sched.sessions["b"] = Session("b", 0.0, SessionStatus.LLM, admitted_time=0.0)
+    b.turns.append(Turn(make_request(prompt=400, session="b")))
+    capacity = 256 * 4
+    assert policy.footprint() == (400 + 0.25 * a.context_tokens) / capacity
+    policy.duty_footprint = False  # the paper-less prototype's sum of whole contexts
+    assert policy.footprint() == (400 + a.context_tokens) / capacity
+    # A session away that holds its KV (pinned) counts whole: it occupies it now.
+    policy.duty_footprint, policy.retention_on = True, True
+    add_session(sched, Request("a-2", "a", 80, 3, 60, clock.now(), 2))
+    sched.on_output_done = lambda r: setattr(r, "next_tool", "test")
+    run_until_idle(sched)
+    a.status = SessionStatus.TOOL
+    assert kv.residency("a") is Residency.GPU
+    assert policy.footprint() == (400 + a.context_tokens) / capacity
