@@ -5,10 +5,11 @@ The seam is the embedded engine's: the policy is bound to a `PolicyContext` and 
 `order_admission` and `on_tick`, exactly as `LiveEngine` asks it, through the same
 `AdmissionQueue`. What differs is where the GPU signal comes from: instead of the engine's
 `KVManager`, the context holds a `PooledKV`, a read-only view computed on each read from the
-signals scraped off the replicas that are up (`upstreams.py`). It has the four members the
+signals scraped off the replicas that are up (`upstreams.py`). It has the members the
 control-plane side of a policy reads (`usage`, `num_blocks`, `num_free_blocks`, `block_size`,
-in tokens: `block_size` is 1) and a no-op `unpin`; the policy's engine-side decisions (ordering
-requests, victims, retention) are never called here, so the rest of `KVManager` is not needed.
+in tokens: `block_size` is 1; `host_used_tokens`, 0: host copies are the upstream's) and a
+no-op `unpin`; the policy's engine-side decisions (ordering requests, victims, retention) are
+never called here, so the rest of `KVManager` is not needed.
 
 Sessions are only ever the gateway's: their turns are estimated (characters / 4 for a prompt,
 then the upstream's `usage` when it reports one), which is what the footprint signal needs.
@@ -44,6 +45,7 @@ class PooledKV:
     """
 
     block_size = 1
+    host_used_tokens = 0  # the upstreams' host copies are theirs: none to restore from here
 
     def __init__(self, upstreams: Upstreams) -> None:
         self._upstreams = upstreams

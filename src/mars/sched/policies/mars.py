@@ -229,6 +229,7 @@ class MarsPolicy(BasePolicy):
     def retention(self, session: Session, req: Request) -> Retention:
         assert self.ctx is not None
         timer = self.ctx.timer
+        self._pins.pop(session.session_id, None)  # a pin of an earlier call is spent
         if req.next_tool is not None:
             self._left[session.session_id] = (self._now(), req.next_tool)
             self._call_s += max(0.0, self._now() - req.arrival_time)
@@ -319,16 +320,14 @@ class MarsPolicy(BasePolicy):
 
     def footprint(self) -> float:
         """The admitted sessions' expected KV demand as a share of capacity: the latest context
-        of each session in a call or holding its KV, plus `duty` of it for each away without
-        its KV (it holds that much of the time, on average)."""
+        of each session in a call or pinned, plus `duty` of it for each away unpinned (it holds
+        its KV that share of the time, on average)."""
         assert self.ctx is not None
         kv = self.ctx.kv
         duty = self.duty() if self.duty_footprint else 1.0
         total = 0.0
         for s in self._active():
-            # (duty < 1 only once retention has been asked, i.e. with the engine's KVManager)
-            away = duty < 1.0 and s.status is SessionStatus.TOOL
-            if away and kv.residency(s.session_id) is not Residency.GPU:
+            if s.status is SessionStatus.TOOL and s.session_id not in self._pins:
                 total += s.context_tokens * duty
             else:
                 total += s.context_tokens
