@@ -346,6 +346,14 @@ def format_summary(r: dict[str, Any]) -> str:
         f"{kv['preemptions']} preemptions, {kv['evictions']} evictions",
         f"cpu           tool-core utilisation {r['cpu']['utilization']:.1%}",
     ]
+    split = r.get("time_split")
+    if split:
+        lines.append(
+            f"time split    per session: admission {split['admission_wait_s']:.1f} s, call wait "
+            f"{split['call_wait_s']:.1f} s, prefill {split['prefill_s']:.1f} s, decode "
+            f"{split['decode_s']:.1f} s ({split['decode_s_per_token'] * 1000:.1f} ms/token), "
+            f"tools and agent {split['tools_and_agent_s']:.1f} s"
+        )
     return "\n".join(lines)
 
 

@@ -57,6 +57,8 @@ def test_sweep_writes_results_report_and_plots(tmp_path: Path) -> None:
     }
     report = (out / "report.md").read_text()
     assert "| continuum | 0.05 |" in report and "Against fcfs" in report
+    assert "## Where the time goes" in report
+    assert all(r["time_split"]["decode_s"] > 0 for r in results)
     for name in ("latency.png", "goodput.png", "throughput.png", "kv_usage.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 

@@ -433,3 +433,21 @@ def test_result_json_keys() -> None:
     assert result["slowdown"]["mean"] == pytest.approx(1.0, rel=1e-12)
     assert result["goodput"]["alpha"] == 3.0 and result["goodput"]["fraction"] == 1.0
     assert result["executor"] == "sim" and result["policy"] == "fcfs"
+
+
+def test_time_split_adds_up_and_shows_decode_contention() -> None:
+    from mars.sim.experiment import time_split
+
+    def spec(sid: str) -> SessionSpec:
+        return make_spec([(2000, 300, 0, 2.0), (2400, 300, 2300, -1.0)], sid=sid)
+
+    alone = run_sim([spec("a")])
+    pair = run_sim([spec("a"), spec("b")])  # both arrive at once and decode together
+    one, two = time_split(alone.records), time_split(pair.records)
+    for split, out in ((one, alone), (two, pair)):
+        mean = sum(r.latency_s or 0.0 for r in out.records) / len(out.records)
+        parts = ("admission_wait_s", "call_wait_s", "prefill_s", "decode_s", "tools_and_agent_s")
+        assert math.isclose(sum(split[k] for k in parts), mean)
+        assert split["tools_and_agent_s"] == pytest.approx(2.0)  # the one 2 s tool
+        assert split["decode_s"] > 0 and split["prefill_s"] > 0
+    assert two["decode_s_per_token"] > 1.2 * one["decode_s_per_token"]  # a batch of 2 is slower

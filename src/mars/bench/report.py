@@ -169,6 +169,7 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
             for part in parts
         ]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += _time_split(groups, policies, xs, xname)
     closed = bool(results) and results[0].get("load") is None and results[0].get("rate") is None
     lines += (
         []
@@ -202,6 +203,39 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _time_split(
+    groups: dict[tuple[str, float], list[dict[str, Any]]],
+    policies: Sequence[str],
+    xs: Sequence[float],
+    xname: str,
+) -> list[str]:
+    """Where a session's time goes (simulator results carry `time_split`), means over seeds."""
+    keys = ("admission_wait_s", "call_wait_s", "prefill_s", "decode_s", "tools_and_agent_s")
+    rows = []
+    for x in xs:
+        for p in policies:
+            g = [r for r in groups.get((p, x), []) if r.get("time_split")]
+            if not g:
+                continue
+            cells = [f"{statistics.fmean(r['time_split'][k] for r in g):.1f}" for k in keys]
+            per_token = statistics.fmean(r["time_split"]["decode_s_per_token"] for r in g)
+            rows.append(f"| {p} | {x:g} | " + " | ".join(cells) + f" | {per_token * 1e3:.1f} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Where the time goes (mean seconds per session)",
+        "",
+        "Admission queue; the calls' wait for the engine, their prefill (first schedule to first "
+        "token) and decode (first token to end); the rest is tools, their queue and the agent.",
+        "",
+        f"| policy | {xname} | admission | call wait | prefill | decode | tools and agent "
+        "| decode ms/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def _against_best(

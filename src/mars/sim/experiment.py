@@ -263,6 +263,7 @@ def _result(
                 "steps": out.steps,
             },
             "sim_time_s": out.end_time,
+            "time_split": time_split(out.records),
             "kv_usage_over_time": [[round(t, 3), round(u, 4)] for t, u in out.kv_usage[::8]],
             "admission_window_over_time": [
                 [round(t, 3), w, a]
@@ -270,6 +271,24 @@ def _result(
             ],
         },
     )
+
+
+def time_split(records: Sequence[SessionRecord]) -> dict[str, float]:
+    """Where the completed sessions' time went, mean seconds per session: admission queue, the
+    calls' wait for the engine, their prefill and their decode; the rest is tools, their queue
+    and the agent's own time. And the decode's mean seconds per output token."""
+    done = [r for r in records if r.done_s is not None and r.admitted_s is not None]
+    n = max(1, len(done))
+    split = {
+        "admission_wait_s": sum((r.admitted_s or 0.0) - r.arrival_s for r in done) / n,
+        "call_wait_s": sum(r.call_wait_s for r in done) / n,
+        "prefill_s": sum(r.prefill_s for r in done) / n,
+        "decode_s": sum(r.decode_s for r in done) / n,
+    }
+    split["tools_and_agent_s"] = sum(r.latency_s or 0.0 for r in done) / n - sum(split.values())
+    tokens = sum(r.output_tokens for r in done)
+    split["decode_s_per_token"] = sum(r.decode_s for r in done) / tokens if tokens else 0.0
+    return split
 
 
 def _thin(points: list[tuple[float, int, int]], most: int) -> list[tuple[float, int, int]]:

@@ -95,6 +95,11 @@ class SessionRecord:
     prompt_tokens: int = 0
     turns: int = 0
     tool_s: float = 0.0  # nominal tool time
+    # Where its calls' time went, summed over calls: emit to first schedule, first schedule to
+    # first token (prefill, restores, preemptions before it), first token to the call's end.
+    call_wait_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
     @property
     def latency_s(self) -> float | None:
@@ -383,6 +388,12 @@ class Simulation:
         req.next_tool = tools[0].category if tools else None
 
     def _turn_done(self, agent: _Agent) -> None:
+        req, rec, now = agent.session.turns[-1].request, agent.record, self.clock.now()
+        scheduled = req.first_scheduled_time if req.first_scheduled_time is not None else now
+        first = req.first_token_time if req.first_token_time is not None else now
+        rec.call_wait_s += scheduled - req.arrival_time
+        rec.prefill_s += first - scheduled
+        rec.decode_s += now - first
         agent.tool_index = 0
         self._next_tool(agent)
 
