@@ -45,10 +45,10 @@ departures below, and its ablations.
 - Load balancer (`mars.control.balancer`): arrival order while healthy and everything queued
   fits; otherwise shortest estimated first prefill first, or longest first while the CPUs are
   overloaded; sessions estimated above 50K tokens wait at the tail, packed by the KV-fit check.
-- Opportunistic co-scheduler: in a step with budget left and KV usage under `kv_low`, sessions
-  in a tool call whose KV was offloaded and whose tool is expected to end within `prefetch_s`
-  are restored into empty GPU blocks (never evicting), earliest expected end first; the copy
-  overlaps the step. It is off by itself at light load (nothing is evicted, so nothing is on the
+- Opportunistic co-scheduler: at each control tick with KV usage under `kv_low`, it picks the
+  sessions in a tool call whose KV was offloaded and whose tool is expected to end within
+  `prefetch_s`, earliest expected end first; the next step with budget left restores them into
+  empty GPU blocks (never evicting), the copy overlapping the step. It is off by itself at light load (nothing is evicted, so nothing is on the
   host) and under pressure (no empty blocks). (Departure: no prefetch of dropped sessions by
   recompute: that would spend GPU compute on a guess, where a restore spends only the link.)
 """
