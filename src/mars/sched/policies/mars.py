@@ -39,7 +39,8 @@ departures below, and its ablations.
   of each session in a call or holding its KV, and the learned duty (share of a session's
   cycle spent in a call) of the context of each session away without its KV; summing whole
   contexts held sessions back that spend most of their time in tools: with tools 3x longer,
-  232.3 s vs 218.0 s mean at 1.0x fcfs capacity, 300 sessions, seeds 1-3.
+  218.1 s mean with it, 231.9 s with `--set duty_footprint=false` (`mars sim --gpu h100-nvl
+  --sessions 300 --time-scale 3 --rate 0.0575`, 1.0x fcfs capacity, seeds 1-3).
   CPU overload also when the EMA of tool queue wait reaches 5 s (clears at 2.5 s; the simulated
   pool has a queue only with `--tool-workers`, else only the in-flight count speaks).
 - Load balancer (`mars.control.balancer`): arrival order while healthy and everything queued
