@@ -49,9 +49,10 @@ departures below, and its ablations.
 - Opportunistic co-scheduler: at each control tick with KV usage under `kv_low`, it picks the
   sessions in a tool call whose KV was offloaded and whose tool is expected to end within
   `prefetch_s`, earliest expected end first; the next step with budget left restores them into
-  empty GPU blocks (never evicting), the copy overlapping the step. It is off by itself at light load (nothing is evicted, so nothing is on the
-  host) and under pressure (no empty blocks). (Departure: no prefetch of dropped sessions by
-  recompute: that would spend GPU compute on a guess, where a restore spends only the link.)
+  empty GPU blocks (never evicting), the copy overlapping the step. It is off by itself at
+  light load (nothing is evicted, so nothing is on the host) and under pressure (no empty
+  blocks). (Departure: no prefetch of dropped sessions by recompute: that would spend GPU
+  compute on a guess, where a restore spends only the link.)
 """
 
 from __future__ import annotations
