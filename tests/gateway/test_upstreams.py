@@ -91,3 +91,38 @@ def test_extras_go_in_vllm_xargs_and_everything_else_passes() -> None:
         "foo": [1],
     }
     assert body["vllm_xargs"] == {"top_k_custom": 3}  # the client's body is not changed
+
+
+def test_the_control_tick_survives_a_policy_that_raises(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from mars.control.admission import AdmissionLimits
+    from mars.core.clock import WallClock
+    from mars.core.events import EventBus
+    from mars.gateway.control import Control
+    from mars.sched.policy import BasePolicy
+
+    class Failing(BasePolicy):
+        name = "failing"
+        tick_s = 0.01
+        ticks = 0
+
+        def on_tick(self) -> None:
+            self.ticks += 1
+            raise RuntimeError("boom")
+
+    policy = Failing()
+
+    async def main() -> None:
+        control = Control(policy, pool(1), AdmissionLimits(), WallClock(), EventBus())
+        task = asyncio.create_task(control.run())
+        await asyncio.sleep(0.2)
+        assert not task.done()  # still ticking
+        # Admission goes on: a new session is admitted (no window here) at once.
+        assert control.arrive("s1", 10) is None
+        task.cancel()
+
+    asyncio.run(main())
+    assert policy.ticks >= 3
+    logged = [r for r in caplog.records if "control tick" in r.getMessage()]
+    assert len(logged) == 1 and "boom" in (logged[0].exc_text or "")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import cast
 
 from mars.control.admission import AdmissionLimits, AdmissionQueue, Overloaded
@@ -29,6 +30,8 @@ from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.gateway.upstreams import Upstreams
 from mars.kv.manager import KVManager
 from mars.sched.policy import Policy, PolicyContext
+
+log = logging.getLogger("mars.gateway")
 
 UNKNOWN_CAPACITY = 1 << 40  # tokens: with no capacity known, admission is by count alone
 # The per-step token budget a policy's priority quanta are cut from: an engine-side number the
@@ -101,13 +104,21 @@ class Control:
         self._ids = itertools.count()
 
     async def run(self) -> None:
-        """The control tick: the policy's `on_tick`, then admission and queue deadlines."""
+        """The control tick: the policy's `on_tick`, then admission and queue deadlines. A
+        policy that raises is logged (once per distinct error) and the tick goes on: a bug in
+        a policy must not stop admission or drop the clients waiting in the queue."""
         tick = self.policy.tick_s or 0.5
+        last_error = ""
         while True:
             await asyncio.sleep(tick)
-            if self.policy.tick_s is not None:
-                self.policy.on_tick()
-            self.queue.poll()
+            try:
+                if self.policy.tick_s is not None:
+                    self.policy.on_tick()
+                self.queue.poll()
+            except Exception as e:  # any policy bug: log it, keep ticking
+                if repr(e) != last_error:
+                    last_error = repr(e)
+                    log.exception("policy %s failed in its control tick", self.policy.name)
             self._expire()
 
     def arrive(self, session_id: str, prompt_tokens: int) -> asyncio.Future[None] | None:
