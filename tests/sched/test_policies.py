@@ -293,7 +293,7 @@ def test_mars_footprint_counts_a_session_away_without_its_kv_by_its_duty() -> No
     b.turns.append(Turn(make_request(prompt=400, session="b")))
     capacity = 256 * 4
     assert policy.footprint() == (400 + 0.25 * a.context_tokens) / capacity
-    policy.duty_footprint = False  # the paper-less prototype's sum of whole contexts
+    policy.duty_footprint = False  # whole contexts summed, as the prototype did
     assert policy.footprint() == (400 + a.context_tokens) / capacity
     # A session away that holds its KV (pinned) counts whole: it occupies it now.
     policy.duty_footprint, policy.retention_on = True, True

@@ -11,9 +11,9 @@ departures below, and its ablations.
 - Priority-aligned eviction: when KV runs out, the chunk is first halved (down to one block),
   then the victim is the lowest-priority request that is not decoding, the one with the least KV
   among equals (the newest running request if all are decoding). As in vLLM, a step stops
-  starting waiting requests at the first that does not fit (letting smaller ones past it
-  starved the big prefill: 120.4 s vs 116.7 s mean with KV halved at 1.0x fcfs capacity,
-  300 sessions, seeds 1-3).
+  starting waiting requests at the first that does not fit (letting smaller ones past it, as
+  this policy did before, measured 120.4 s against 116.7 s mean with KV halved at 1.0x fcfs
+  capacity, 300 sessions, seeds 1-3).
 - Adaptive retention at each tool call: keep the KV on the GPU, offload it to host memory, or
   drop it, whichever costs the session's critical path least. Not keeping it costs the restore
   (host link) or the recompute (step-time model) on return; keeping it costs the memory it denies
@@ -114,6 +114,7 @@ class MarsPolicy(BasePolicy):
         super().__init__()
         self.durations = ToolDurations()  # tool runs: when a running tool should end
         self.away = ToolDurations()  # call end to next call, per tool category: what a pin spans
+        self.calls = ToolDurations()  # call emit to call end, by the tool the call ends in
         self._left: dict[str, tuple[float, str]] = {}  # session -> (its call ended, tool category)
         self.queue_wait = ToolQueueWait()
         self._cpu_overloaded = False
@@ -121,8 +122,6 @@ class MarsPolicy(BasePolicy):
         self._count = 0  # admitted sessions, as counted at `_count_at`
         self._count_at: float | None = None
         self._pins: dict[str, float] = {}
-        self._call_s = 0.0  # summed seconds from a call's emit to its end
-        self._calls = 0
         self.window = float(self.window_start)
         self._overloaded = False
 
@@ -234,8 +233,7 @@ class MarsPolicy(BasePolicy):
         self._pins.pop(session.session_id, None)  # a pin of an earlier call is spent
         if req.next_tool is not None:
             self._left[session.session_id] = (self._now(), req.next_tool)
-            self._call_s += max(0.0, self._now() - req.arrival_time)
-            self._calls += 1
+            self.calls.add(req.next_tool, max(0.0, self._now() - req.arrival_time))
         if not self.retention_on or req.next_tool is None or timer is None:
             return Retention.DROP
         kv = self.ctx.kv
@@ -314,11 +312,10 @@ class MarsPolicy(BasePolicy):
     def duty(self) -> float:
         """Share of a session's cycle (a call, then its time away) spent in the call: call
         emit to end against call end to next emit, both learned online (1 before any)."""
-        away = self.away.mean_any()
-        if not self._calls or away is None:
+        call, away = self.calls.mean_any(), self.away.mean_any()
+        if call is None or away is None or call + away <= 0:
             return 1.0
-        call = self._call_s / self._calls
-        return call / (call + away) if call + away > 0 else 1.0
+        return call / (call + away)
 
     def footprint(self) -> float:
         """The admitted sessions' expected KV demand as a share of capacity: the latest context
