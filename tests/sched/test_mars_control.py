@@ -11,6 +11,7 @@ from mars.core.events import EventBus, ToolEnd, ToolEnqueued, ToolStart
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.kv.manager import KVConfig, KVManager, Residency, Retention
 from mars.sched.policies.mars import MarsPolicy
+from mars.sched.policy import Admission
 from mars.sched.scheduler import Scheduler, SchedulerConfig
 
 
@@ -132,3 +133,49 @@ def test_scheduler_runs_the_warm_restore_in_a_step_with_slack() -> None:
     assert plan.prefetches == [("soon", 40)] and plan.requests == [other]
     assert sched.kv.residency("soon") is Residency.CACHED
     sched.kv.check_integrity()
+
+
+def _answered(sched: Scheduler, sid: str, tokens: int, at: float) -> Session:
+    """A session admitted at `at` whose one call (of `tokens`) ended then, as a real agent's
+    does: it never says that it is done."""
+    req = make_request(prompt=tokens - 1, output=1, session=sid)
+    req.finish_time, req.next_tool = at, "unknown"
+    session = sched.sessions[sid] = Session(sid, at, status=SessionStatus.TOOL)
+    session.admitted_time = at
+    session.turns.append(Turn(req))
+    return session
+
+
+def test_sessions_that_never_end_stop_counting_and_the_window_recovers() -> None:
+    """The real-agents lock-out (issue: an idle server locks new sessions out): five sessions
+    of one call each, never ended, held the footprint over capacity, the window at its minimum
+    and every new session out. Away longer than the learned time away, without their KV, they
+    stop counting; one that calls again counts again at once."""
+    policy, sched, clock, _ = _bound(num_blocks=64)  # 256 tokens of KV
+    for i in range(5):
+        _answered(sched, f"agent-{i}", 100, at=0.0)
+    for _ in range(10):  # 500 tokens of context against 256: overloaded, the window shrinks
+        policy.on_tick()
+    assert policy.window == policy.window_min
+    new = _queued("agent-5", 100, 0.0)
+    assert policy.admit(new) is Admission.DEFER
+    clock.advance(max(policy.dormant_after * 1.0, policy.dormant_floor_s) + 0.1)  # 1 s: unlearned
+    assert policy.dormant(sched.sessions["agent-0"], clock.now())
+    assert policy.admit(new) is Admission.ADMIT  # nobody occupies anything any more
+    assert policy.footprint() == 0.0
+    for _ in range(100):  # healthy and idle: the window grows back to its start, no further
+        clock.advance(policy.tick_s or 0.2)
+        policy.on_tick()
+    assert policy.window == policy.window_start
+    back = sched.sessions["agent-1"]
+    back.status = SessionStatus.LLM  # it called again
+    assert not policy.dormant(back, clock.now())
+    assert len(policy._active()) == 1
+
+
+def test_a_pinned_session_never_goes_dormant() -> None:
+    policy, sched, clock, _ = _bound(num_blocks=64)
+    session = _answered(sched, "pinned", 40, at=0.0)
+    policy._pins["pinned"] = 1e9
+    clock.advance(1000.0)
+    assert not policy.dormant(session, clock.now())

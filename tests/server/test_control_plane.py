@@ -25,10 +25,12 @@ httpx = pytest.importorskip("httpx", reason="httpx is a dev dependency: pip inst
 from mars.sim.workload import WorkloadConfig, build_workload, load_trajectories  # noqa: E402
 from serving import serve  # noqa: E402
 
-# A fixed window of one session (no additive increase), two queue places, a 3 s deadline.
+# A fixed window of one session (no additive increase) that a session away keeps (it never
+# goes dormant), two queue places, a 3 s deadline.
 ONE_AT_A_TIME = (
     "--policy", "mars", "--set", "window_start=1", "--set", "window_min=1",
-    "--set", "window_inc=0", "--max-queued", "2", "--queue-timeout", "3",
+    "--set", "window_inc=0", "--set", "dormant_floor_s=1e9",
+    "--max-queued", "2", "--queue-timeout", "3",
     "--sse-keepalive", "0.2", "--tool-workers", "1",
 )  # fmt: skip
 
@@ -274,3 +276,32 @@ def test_tool_runs_are_the_sessions_tool_phases(gated: str, files: dict[str, Pat
     (record,) = [r for r in load_trajectories(files["trace"]) if r["traj_id"].endswith("/tl")]
     (tool,) = [s for s in record["steps"] if s["kind"] == "tool"]  # after the last call: none
     assert tool["category"] == "run_python" and tool["cpu_heavy"] is True
+
+
+def test_sessions_that_never_end_do_not_lock_an_idle_server_out() -> None:
+    """Real agents (OpenHands, plain `mini`, OpenAI clients) never end their sessions. Five
+    one-call sessions of ~265 tokens once held a 1,024-token server's admission window at its
+    minimum for good, and a sixth got 503 after the queue deadline on an idle server."""
+    words = " ".join(f"word{i}" for i in range(120))  # ~265 tokens with the chat template
+    server = serve(
+        "--policy", "mars", "--threads", "1", "--kv-tokens", "1024", "--queue-timeout", "20"
+    )  # fmt: skip
+    base = next(server)
+    try:
+        for i in range(5):
+            body = {"messages": [{"role": "user", "content": f"{i} {words}"}], "max_tokens": 4}
+            r = httpx.post(f"{base}/v1/chat/completions", json=body,
+                           headers={"x-session-id": f"agent-{i}"}, timeout=120)  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] > 200
+        t0 = time.monotonic()
+        body = {"messages": [{"role": "user", "content": f"5 {words}"}], "max_tokens": 4}
+        r = httpx.post(f"{base}/v1/chat/completions", json=body,
+                       headers={"x-session-id": "agent-5"}, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 < 15  # admitted once the others went dormant, not at 20 s
+        # Healthy and idle: the window grows back to its start.
+        wait_for(lambda: metric(base, "mars_admission_window") >= 30, timeout=30)
+        assert metric(base, "mars_running") == 0
+    finally:
+        server.close()

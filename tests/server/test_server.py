@@ -521,9 +521,24 @@ def test_session_identity_order() -> None:
     assert session_of(_body(session_id="a", user="b"), {}, opening) == "a"
     assert session_of(_body(prompt_cache_key="k", user="u"), {}, opening) == "k"
     nv = {"session_control": {"session_id": "dyn"}}
-    assert session_of(_body(nvext=nv, vllm_xargs={"session_id": "v"}), {}, opening) == "dyn"
-    assert session_of(_body(vllm_xargs={"session_id": "v"}), {"x-session-id": "h"}, opening) == "v"
+    assert session_of(_body(nvext=nv), {}, opening) == "dyn"
     assert session_of(_body(), {"x-litellm-session-id": "lite"}, opening) == "lite"
+    for header in ("x-session-id", "x-dynamo-session-id", "x-claude-code-session-id"):
+        assert session_of(_body(), {header: "h"}, opening) == "h"
+    # Different identifiers are joined, never one picked: an OpenHands `LLM` shared by two
+    # conversations sends one body session_id and each conversation's own header.
+    shared = _body(session_id="app")
+    c1 = session_of(shared, {"x-litellm-session-id": "c1"}, opening)
+    c2 = session_of(shared, {"x-litellm-session-id": "c2"}, opening)
+    assert c1 == "app~c1" and c2 == "app~c2"
+    assert session_of(_body(vllm_xargs={"session_id": "v"}), {"x-session-id": "h"}, opening) == (
+        "v~h"
+    )
+    same = _body(session_id="s", prompt_cache_key="s")  # the same value twice counts once
+    assert session_of(same, {"x-session-id": "s"}, opening) == "s"
+    # `user` names a person: two of their conversations are two sessions, two people's are too.
+    alice = session_of(_body(user="alice"), {}, opening)
+    assert alice.startswith("fp-") and alice != session_of(_body(user="bob"), {}, opening)
     # Without an id, the opening (system prompt and first user message) is the identity: later
     # turns of the same conversation keep it, another task gets another one.
     turn1 = [{"role": "system", "content": "agent"}, *ask("task A")]
@@ -536,6 +551,9 @@ def test_session_identity_order() -> None:
 
 def test_is_last_step_markers() -> None:
     assert is_last_step(_body(is_last_step=True), {})
+    assert is_last_step(_body(), {"x-dynamo-session-final": "true"})
+    assert is_last_step(_body(nvext={"session_control": {"action": "close"}}), {})
+    assert not is_last_step(_body(nvext={"session_control": {"action": "open"}}), {})
     assert is_last_step(_body(vllm_xargs={"is_last_step": "true"}), {})
     assert not is_last_step(_body(vllm_xargs={"is_last_step": "false"}), {})
     assert is_last_step(_body(), {"x-mars-is-last-step": "1"})

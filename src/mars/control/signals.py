@@ -41,3 +41,32 @@ class ToolQueueWait:
         """How long the longest-waiting queued tool run has waited so far (0 if none): a
         stalled pool shows here before any run starts to update the average."""
         return max((now - times[0] for times in self._queued.values()), default=0.0)
+
+
+class RecentTail:
+    """A high quantile of recent samples per category (times away, here), kept over the last
+    `window` samples of each: a session away longer than nearly every one that came back has
+    likely left. A quantile, not the maximum: one person who came back after an hour must not
+    keep every finished session counted for an hour."""
+
+    def __init__(self, quantile: float = 0.95, window: int = 256) -> None:
+        if not 0.0 < quantile <= 1.0 or window < 1:
+            raise ValueError("the quantile must be in (0, 1] and the window at least 1")
+        self.quantile, self.window = quantile, window
+        self._samples: dict[str, deque[float]] = {}
+        self._cached: dict[str, float] = {}
+
+    def add(self, category: str, value: float) -> None:
+        for key in (category, ""):  # "" pools every category
+            self._samples.setdefault(key, deque(maxlen=self.window)).append(value)
+            self._cached.pop(key, None)
+
+    def value(self, category: str) -> float | None:
+        """The quantile of the category's recent samples (of all categories if it has none)."""
+        key = category if category in self._samples else ""
+        if key not in self._samples:
+            return None
+        if key not in self._cached:
+            ordered = sorted(self._samples[key])
+            self._cached[key] = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+        return self._cached[key]

@@ -1,10 +1,21 @@
 """Which agent session a request belongs to, and its markers (DESIGN.md section 8).
 
-Identity comes from the first of: body `session_id`, `job_id`, `prompt_cache_key`, `user`,
-Dynamo's `nvext.session_control.session_id`, `vllm_xargs.session_id`, headers `X-Session-ID` and
-`x-litellm-session-id`. Without any, a fingerprint of the conversation's opening (system prompt
-and first user message) stands in: it is the same on every turn of an agent's conversation, so
+A session is named by the conversation identifiers a request carries, in this order: body
+`session_id`, `nvext.session_control.session_id` (Dynamo), `vllm_xargs.session_id` (or `job_id`),
+`job_id`, `prompt_cache_key`; headers `X-Session-ID` (vLLM 0.28+, llm-d), `X-Dynamo-Session-ID`,
+`x-litellm-session-id` (LiteLLM, OpenHands), `x-claude-code-session-id`. One identifier names the
+session; several *different* ones are joined (`a~b`), so that two conversations are never merged
+because one field is the same in both: OpenHands sends its conversation id as a header on every
+call, and a body `session_id` set on an `LLM` object shared by several conversations would
+otherwise fold them into one session. The same value sent twice counts once.
+
+Without any, a fingerprint of the conversation's opening (system prompt and first user message)
+and of `user` stands in (`user` names a person, not a conversation: alone it would merge every
+conversation of that person): it is the same on every turn of an agent's conversation, so
 agents that send nothing still get session-level scheduling.
+
+A session ends on its last step: body `is_last_step` (or in `vllm_xargs`), header
+`x-mars-is-last-step` or `X-Dynamo-Session-Final`, or `nvext.session_control.action: "close"`.
 """
 
 from __future__ import annotations
@@ -17,26 +28,38 @@ from typing import Any
 from mars.server.protocol import _Body
 
 _TRUE = ("1", "true", "yes", "on")
+_HEADERS = (
+    "x-session-id",
+    "x-dynamo-session-id",
+    "x-litellm-session-id",
+    "x-claude-code-session-id",
+)
 
 
 def session_of(body: _Body, headers: Mapping[str, str], opening: Any) -> str:
     xargs = body.vllm_xargs or {}
-    control = (body.nvext or {}).get("session_control")
-    nv = control.get("session_id") if isinstance(control, dict) else None
+    control = _control(body)
+    found: list[str] = []
     for candidate in (
         body.session_id,
+        control.get("session_id"),
+        xargs.get("session_id") or xargs.get("job_id"),
         body.job_id,
         body.prompt_cache_key,
-        body.user,
-        nv,
-        xargs.get("session_id") or xargs.get("job_id"),
-        headers.get("x-session-id"),
-        headers.get("x-litellm-session-id"),
+        *(headers.get(h) for h in _HEADERS),
     ):
-        if isinstance(candidate, str | int) and not isinstance(candidate, bool) and candidate != "":
-            return str(candidate)
-    digest = hashlib.sha256(json.dumps(opening, sort_keys=True, default=str).encode())
+        named = isinstance(candidate, str | int) and not isinstance(candidate, bool)
+        if named and candidate != "" and str(candidate) not in found:
+            found.append(str(candidate))
+    if found:
+        return "~".join(found)  # URL-safe: the id goes into the tools API's paths
+    digest = hashlib.sha256(json.dumps([opening, body.user], sort_keys=True, default=str).encode())
     return "fp-" + digest.hexdigest()[:16]
+
+
+def _control(body: _Body) -> dict[str, Any]:
+    control = (body.nvext or {}).get("session_control")
+    return control if isinstance(control, dict) else {}
 
 
 def chat_opening(messages: list[dict[str, Any]]) -> list[Any]:
@@ -50,8 +73,15 @@ def chat_opening(messages: list[dict[str, Any]]) -> list[Any]:
 
 
 def is_last_step(body: _Body, headers: Mapping[str, str]) -> bool:
+    if _control(body).get("action") == "close":
+        return True
     xargs = body.vllm_xargs or {}
-    for flag in (body.is_last_step, xargs.get("is_last_step"), headers.get("x-mars-is-last-step")):
+    for flag in (
+        body.is_last_step,
+        xargs.get("is_last_step"),
+        headers.get("x-mars-is-last-step"),
+        headers.get("x-dynamo-session-final"),
+    ):
         if flag is not None:
             return flag is True or str(flag).strip().lower() in _TRUE
     return False

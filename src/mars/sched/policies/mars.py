@@ -61,7 +61,7 @@ import math
 from collections.abc import Sequence
 
 from mars.control.balancer import BalancerMode, order_sessions
-from mars.control.signals import ToolQueueWait
+from mars.control.signals import RecentTail, ToolQueueWait
 from mars.core.events import (
     AdmissionWindow,
     RequestEmit,
@@ -87,6 +87,10 @@ class MarsPolicy(BasePolicy):
     # retention
     retention_on = True
     pin_lapse = 2.0  # a pin lapses after this many expected times away
+    # A session away, unpinned, this many times the p95 of times away (at least the floor)
+    # stops counting for admission.
+    dormant_after = 2.0
+    dormant_floor_s = 2.0
     # admission (AIMD)
     admission = True
     window_start = 30
@@ -114,6 +118,7 @@ class MarsPolicy(BasePolicy):
         super().__init__()
         self.durations = ToolDurations()  # tool runs: when a running tool should end
         self.away = ToolDurations()  # call end to next call, per tool category: what a pin spans
+        self.away_tail = RecentTail()  # their recent p95: past it, a session has likely left
         self.calls = ToolDurations()  # call emit to call end, by the tool the call ends in
         self._left: dict[str, tuple[float, str]] = {}  # session -> (its call ended, tool category)
         self.queue_wait = ToolQueueWait()
@@ -215,6 +220,7 @@ class MarsPolicy(BasePolicy):
         left = self._left.pop(event.session_id, None)
         if left is not None:
             self.away.add(left[1], event.time - left[0])
+            self.away_tail.add(left[1], event.time - left[0])
 
     def expected_away(self, category: str) -> float:
         """Expected seconds until a session whose call ended in a `category` tool call calls
@@ -290,12 +296,32 @@ class MarsPolicy(BasePolicy):
 
     # ---- control plane ------------------------------------------------------------------------
     def _active(self) -> list[Session]:
+        """The admitted sessions that occupy the system: all but those gone dormant."""
         assert self.ctx is not None
+        now = self._now()
         return [
             s
             for s in self.ctx.sessions.values()
-            if s.admitted_time is not None and s.status < SessionStatus.DONE
+            if s.admitted_time is not None
+            and s.status < SessionStatus.DONE
+            and not self.dormant(s, now)
         ]
+
+    def dormant(self, session: Session, now: float) -> bool:
+        """Away without its KV for longer than `dormant_after` times the 95th percentile of
+        the learned times away (and `dormant_floor_s`): real agents
+        (OpenHands, plain `mini`, OpenAI clients) never end their sessions, and counting the
+        finished ones as admitted locked an idle server out. A dormant session that calls again
+        is back at once: it was admitted, and its call goes straight to the engine."""
+        req = session.current
+        if session.status is not SessionStatus.TOOL or req is None or req.finish_time is None:
+            return False
+        if session.session_id in self._pins:
+            return False  # it holds its KV
+        category = req.next_tool or "unknown"
+        tail = self.away_tail.value(category)
+        usual = self.expected_away(category) if tail is None else tail
+        return now - req.finish_time > max(self.dormant_after * usual, self.dormant_floor_s)
 
     def _active_count(self) -> int:
         """`len(self._active())`, counted once per clock instant: the admission queue asks
@@ -403,10 +429,16 @@ class MarsPolicy(BasePolicy):
         active = self._active_count()
         if self._overloaded:
             self.window = max(float(self.window_min), self.window * self.window_dec)
-        elif not self.window_validate or active >= int(self.window) - self.window_inc:
+        elif (
+            not self.window_validate
+            or active >= int(self.window) - self.window_inc
+            or self.window < self.window_start
+        ):
             # Grow only while the window binds (as TCP validates its window, RFC 7661): a
             # window far above what is admitted would let a burst in unchecked, and take many
-            # decreases to bite once overload comes.
+            # decreases to bite once overload comes. Below its start it grows back while
+            # healthy, bound or not: a window cut by one big prefill must recover once the
+            # system is idle, or it stays at its minimum for good.
             self.window += self.window_inc
         if self.ctx.bus.wants(AdmissionWindow):
             self.ctx.bus.publish(AdmissionWindow(now, "", int(self.window), active))
