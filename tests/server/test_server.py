@@ -595,7 +595,7 @@ def test_tools_reach_templates_with_tool_syntax() -> None:
         {"role": "tool", "tool_call_id": "c", "content": "3 passed"},
     ]
     fns = toolcalls.chosen([RUN_TESTS], "auto")[0]
-    text = toolcalls.render(native, messages, fns)
+    text, _ = toolcalls.render(native, messages, fns)
     assert text.startswith("TOOLS:run_tests\n") and "[run_tests{'a': 1}]" in text
     assert "tool:3 passed" in text
     seen: list[Any] = []

@@ -134,7 +134,6 @@ def calibrate(
         settings.max_sequences,
         settings.batch_tokens,
         settings.threads,
-        settings.seed,
     )
     ex = LlamaCppExecutor(model, config)
     try:

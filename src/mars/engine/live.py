@@ -45,12 +45,18 @@ class Chunk:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "queue_full" | "queue_timeout"
+    # "stop" | "length" | "abort" | "queue_full" | "queue_timeout" | "dead_end" (the output's
+    # grammar admits no token the model can produce)
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    error: str | None = None  # why, when finish_reason is "dead_end"
 
 
+# The engine took the call (it runs, or its session waits for admission): a stream's first chunk,
+# so its status can go out before its headers.
+_ACCEPTED = Chunk("", [])
 _ABORTED = Chunk("", [], "abort")
 _QUEUE_FULL = Chunk("", [], "queue_full")
 _QUEUE_TIMEOUT = Chunk("", [], "queue_timeout")
@@ -182,7 +188,8 @@ class LiveEngine:
         tool_name: str | None = None,
         next_tool: str | None = "unknown",
     ) -> AsyncIterator[Chunk]:
-        """Stream a request's output; closing the iterator early aborts the request."""
+        """Stream a request's output; closing the iterator early aborts the request. The first
+        chunk (empty) comes once the engine took the call: a full queue raises before it."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) + params.max_tokens > self.max_context:
@@ -278,10 +285,11 @@ class LiveEngine:
     # ---- engine thread ------------------------------------------------------------------------
     def _arrive(self, session_id: str, call: _Pending) -> None:
         session = self.sessions.get(session_id)
+        if session is None and len(self.admission) >= self.limits.max_queued:
+            self._send(call.stream, _QUEUE_FULL)
+            return
+        self._send(call.stream, _ACCEPTED)
         if session is None:  # a new session: it waits in the control plane until admitted
-            if len(self.admission) >= self.limits.max_queued:
-                self._send(call.stream, _QUEUE_FULL)
-                return
             session = Session(session_id, call.arrival, first_prompt_tokens=len(call.prompt))
             self.sessions[session_id] = session
             self._held[session_id] = [call]
@@ -495,6 +503,8 @@ class LiveEngine:
         stream = self._streams.get(req.request_id)
         if stream is None or stream.done:
             return False
+        if req.request_id in self.executor.dead_ends:
+            return True
         p = stream.params
         masked = p.ignore_eos or req.num_output_tokens < p.min_tokens
         if self.executor.is_eog(tok) and not masked:
@@ -515,6 +525,7 @@ class LiveEngine:
         return False
 
     def _finish(self, req: Request) -> None:
+        dead_end = self.executor.dead_ends.get(req.request_id)
         self._last_seq[req.session_id] = self.executor.prompt_of(req.request_id) + list(
             req.output_token_ids
         )
@@ -530,6 +541,7 @@ class LiveEngine:
             stream.text += stream.held
             self._send(stream, Chunk(stream.held, []))
         reason = "stop" if req.status is RequestStatus.FINISHED_STOPPED else "length"
+        reason = "dead_end" if dead_end is not None else reason
         self._send(
             stream,
             Chunk(
@@ -539,6 +551,7 @@ class LiveEngine:
                 req.num_prompt_tokens,
                 req.num_output_tokens,
                 max(0, req.num_cached_tokens),
+                error=dead_end,
             ),
         )
 

@@ -18,13 +18,14 @@ free cell is computed instead, from there on: exact too, only slower.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import llama_cpp as L
+import numpy as np
 
 from mars.core.request import Request
 from mars.engine.model import Model
@@ -41,6 +42,9 @@ from mars.sched.plan import StepPlan, StepResult
 # and as much to load (250 tokens: 32 ms and 30 ms), ~50x less than computing it; its headers
 # add 3% to the copy's bytes.
 PIECE_TOKENS = 1
+# Seconds of sampling one constrained request may take in all (grammar matching runs on the
+# engine thread, between every session's steps); a request past it ends with an error.
+GRAMMAR_BUDGET_S = 10.0
 # llama.cpp's sequence limit (LLAMA_MAX_SEQ); one sequence is the pieces' scratch.
 MAX_SEQUENCES = 256 - 1
 
@@ -65,7 +69,6 @@ class ExecutorConfig:
     max_sequences: int = 32  # sequence slots: sessions whose KV may stay on the GPU at once
     batch_tokens: int = 512  # most tokens one llama_decode takes (the scheduler's budget)
     threads: int = max(1, (os.cpu_count() or 2))
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if min(self.kv_tokens, self.max_sequences, self.batch_tokens, self.threads) < 1:
@@ -86,31 +89,56 @@ class StepFailed(RuntimeError):
 
 
 class _Sampler:
-    """A llama.cpp sampler chain for one request (its RNG and grammar state live across steps)."""
+    """A llama.cpp sampler chain for one request (its RNG, grammar and penalty state live across
+    steps). `prompt` feeds the repetition penalty, which counts the prompt's tokens (as vLLM)."""
 
-    def __init__(self, model: Model, params: SamplingParams, default_seed: int) -> None:
+    def __init__(self, model: Model, params: SamplingParams, prompt: Sequence[int] = ()) -> None:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self.ptr = chain
         if params.grammar:
             g = L.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
             if not g:
-                raise ValueError("the tool-call grammar did not compile")
+                self.close()
+                raise ValueError("the output's grammar did not compile")
             L.llama_sampler_chain_add(chain, g)
+        if params.logit_bias:
+            entries = [L.llama_logit_bias(t, b) for t, b in params.logit_bias]
+            bias = (L.llama_logit_bias * len(entries))(*entries)
+            L.llama_sampler_chain_add(
+                chain, L.llama_sampler_init_logit_bias(model.n_vocab, len(bias), bias)
+            )
+        if params.repetition_penalty != 1.0:
+            last_n = len(prompt) + params.max_tokens
+            rep = L.llama_sampler_init_penalties(last_n, params.repetition_penalty, 0.0, 0.0)
+            for tok in prompt:
+                L.llama_sampler_accept(rep, tok)
+            L.llama_sampler_chain_add(chain, rep)
+        if params.presence_penalty or params.frequency_penalty:
+            pen = L.llama_sampler_init_penalties(
+                params.max_tokens, 1.0, params.frequency_penalty, params.presence_penalty
+            )
+            L.llama_sampler_chain_add(chain, pen)
         if params.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-            seed = params.seed if params.seed is not None else default_seed
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        self.ptr = chain
+            return
+        if params.top_k > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def close(self) -> None:
         if self.ptr:
             L.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+# llama_token_data, as numpy lays out a row of candidates.
+_CANDIDATE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class LlamaCppExecutor:
@@ -138,6 +166,14 @@ class LlamaCppExecutor:
         self._params: dict[str, SamplingParams] = {}
         self._samplers: dict[str, _Sampler] = {}
         self._eog = model.eog_ids
+        self._vocab_ids = np.arange(model.n_vocab, dtype=np.int32)
+        self._candidates = np.zeros(model.n_vocab, dtype=_CANDIDATE)
+        self._candidates_ptr = self._candidates.ctypes.data_as(L.llama_token_data_p)
+        # Requests ended because sampling cannot go on (request id -> why, for its client): a
+        # grammar that admits no token the model can produce, handed to llama.cpp, aborts the
+        # process; one that costs past GRAMMAR_BUDGET_S would hold every other session up.
+        self.dead_ends: dict[str, str] = {}
+        self._sample_s: dict[str, float] = {}  # request id -> seconds its samples took
         self.offload_bytes = 0
         self.restore_fallbacks = 0  # restores that computed a piece (no contiguous free cells)
         self.copy_s = 0.0  # seconds spent copying KV to and from host memory
@@ -150,14 +186,14 @@ class LlamaCppExecutor:
     def add(self, req: Request, prompt: list[int], params: SamplingParams) -> None:
         self._prompts[req.request_id] = prompt
         self._params[req.request_id] = params
-        self._samplers[req.request_id] = _Sampler(self.model, params, self.config.seed)
+        self._samplers[req.request_id] = _Sampler(self.model, params, prompt)
 
     def check(self, params: SamplingParams) -> None:
         """Raise ValueError if `params` cannot be sampled (a grammar llama.cpp does not parse).
 
         Called on the client's thread: a failure inside the engine thread would stop the engine.
         """
-        _Sampler(self.model, params, self.config.seed).close()
+        _Sampler(self.model, params).close()
 
     def prompt_of(self, request_id: str) -> list[int]:
         return self._prompts.get(request_id, [])
@@ -165,6 +201,8 @@ class LlamaCppExecutor:
     def release(self, request_id: str) -> None:
         self._prompts.pop(request_id, None)
         self._params.pop(request_id, None)
+        self.dead_ends.pop(request_id, None)
+        self._sample_s.pop(request_id, None)
         sampler = self._samplers.pop(request_id, None)
         if sampler is not None:
             sampler.close()
@@ -345,12 +383,43 @@ class LlamaCppExecutor:
         return StepResult(plan.step_id, 0.0, token_ids)
 
     def _sample(self, req: Request, idx: int) -> int:
-        params = self._params[req.request_id]
+        """Sample as `llama_sampler_sample` does, but check the chain's pick before the chain
+        accepts it: a grammar that rejects every token (a literal no token spells, such as a
+        NUL, or a finished call whose end is masked by `min_tokens`) makes llama.cpp throw, and
+        a C++ exception through ctypes ends the process. Such a request ends here instead."""
+        rid = req.request_id
+        params = self._params[rid]
+        n = len(self._candidates)
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, idx), shape=(n,))
+        cand = self._candidates
+        cand["id"] = self._vocab_ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
         if params.ignore_eos or req.num_output_tokens < params.min_tokens:
-            logits = L.llama_get_logits_ith(self.ctx, idx)
-            for t in self._eog:
-                logits[t] = -math.inf
-        return int(L.llama_sampler_sample(self._samplers[req.request_id].ptr, self.ctx, idx))
+            cand["logit"][self._eog] = -np.inf
+        chain = self._samplers[rid].ptr
+        arr = L.llama_token_data_array(self._candidates_ptr, n, -1, False)
+        t0 = time.perf_counter()
+        L.llama_sampler_apply(chain, ctypes.byref(arr))
+        spent = self._sample_s[rid] = self._sample_s.get(rid, 0.0) + time.perf_counter() - t0
+        picked = arr.selected
+        if not 0 <= picked < arr.size or not np.isfinite(cand["logit"][picked]):
+            self.dead_ends[rid] = (
+                "the output's constraint (a forced tool call's or response_format's grammar) "
+                "admits no token the model can produce here: check its schema's names and "
+                "values for characters no text holds, and min_tokens"
+            )
+            return self._eog[0]
+        if params.grammar and spent > GRAMMAR_BUDGET_S:
+            self.dead_ends[rid] = (
+                f"the output's grammar took {spent:.1f} s of sampling, past the "
+                f"{GRAMMAR_BUDGET_S:.0f} s one request may hold the engine for; simplify its "
+                "schema or use tool_choice 'auto'"
+            )
+            return self._eog[0]
+        token = int(cand["id"][picked])
+        L.llama_sampler_accept(chain, token)
+        return token
 
     def is_eog(self, token: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.model.vocab, token))

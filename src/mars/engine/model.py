@@ -63,6 +63,13 @@ class Model:
         self.eos_id = L.llama_vocab_eos(self.vocab)
         template = L.llama_model_chat_template(self.ptr, None)
         self.chat_template = template.decode() if template else None
+        control = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+        self.special_texts = tuple(
+            text
+            for t in range(self.n_vocab)
+            if L.llama_vocab_get_attr(self.vocab, t) & control
+            and (text := self.piece(t, special=True).decode(errors="replace"))
+        )
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         data = text.encode()
@@ -75,12 +82,30 @@ class Model:
             n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
+    def tokenize_chat(self, text: str, contents: list[str]) -> list[int]:
+        """A rendered chat prompt's tokens: the template's special tokens as such, the messages'
+        own texts (`contents`, in order) as plain text, so `<|im_end|>` typed in a message
+        cannot end it and open a system turn."""
+        pos, out = 0, []
+        for content in contents:
+            if not any(s in content for s in self.special_texts):
+                continue  # the usual case: the whole prompt tokenizes as one text
+            at = text.find(content, pos)
+            if at < 0:
+                content = content.strip()  # a template that trims
+                at = text.find(content, pos) if content else -1
+            if at < 0:
+                continue
+            out += self.tokenize(text[pos:at]) + self.tokenize(content, special=False)
+            pos = at + len(content)
+        return out + self.tokenize(text[pos:])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
     def detokenize(self, tokens: list[int]) -> str:

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters (OpenAI's, plus vLLM's `min_tokens` and `ignore_eos`)."""
+"""Per-request sampling parameters (OpenAI's, plus vLLM's `min_tokens`, `ignore_eos`, `min_p`
+and `repetition_penalty`)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,25 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    seed: int | None = None
+    min_p: float = 0.0  # 0 = off
+    seed: int | None = None  # None: a fresh random seed per request (as vLLM)
     stop: tuple[str, ...] = ()
     min_tokens: int = 0  # end-of-generation tokens are masked until this many were generated
     ignore_eos: bool = False
-    grammar: str | None = None  # GBNF that constrains the output (forced tool calls)
+    # OpenAI's penalties count the output's tokens; vLLM's repetition penalty (1 = off) counts
+    # the prompt's too. `logit_bias` adds to the logits of the tokens it names.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None  # GBNF that constrains the output (forced tool calls, JSON)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
+        if not 0 <= self.min_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("0 <= min_p <= 1 and repetition_penalty > 0 are required")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")

@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -23,7 +23,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mars.control.admission import Overloaded
 from mars.engine.live import LiveEngine
 from mars.server import toolcalls
 from mars.server.eventstream import EventStream
@@ -39,11 +38,11 @@ from mars.server.recorder import TraceRecorder
 from mars.server.responses import (
     Activity,
     Call,
+    accepted,
     chat_full,
     chat_stream,
     completion_full,
     completion_stream,
-    overloaded,
     sse,
 )
 from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
@@ -84,6 +83,8 @@ class ServerConfig:
     events: EventStream | None = None  # the event stream (a JSONL file with --events)
     recorder: TraceRecorder | None = None  # --record-trace
     tools: ToolRuntime | None = None  # the tools API (None: off, the routes answer 501)
+    # Set when the server starts to shut down (SIGTERM, Ctrl-C): streams end with an error.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Guard:
@@ -217,15 +218,17 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         eng = engine()
         _check_model(eng, body.model)
         fns, mode = toolcalls.chosen(body.tools, body.tool_choice)
-        text = toolcalls.render(eng.model, body.messages, fns)
-        prompt = await asyncio.to_thread(eng.model.tokenize, text)  # ~1 s for a 4 MiB body
+        text, contents = toolcalls.render(eng.model, body.messages, fns)
+        # ~1 s for a 4 MiB body
+        prompt = await asyncio.to_thread(eng.model.tokenize_chat, text, contents)
         grammar = toolcalls.grammar(fns) if mode not in ("none", "auto") else None
         sid = session_of(body, request.headers, chat_opening(body.messages))
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
         call.activity = activity
         if body.stream:
-            _check_queue(eng, sid)
-            return sse(chat_stream(eng, body, call), call, config.keepalive_s)
+            chunks = await accepted(eng, call)
+            out = chat_stream(eng, body, call, chunks)
+            return sse(out, call, config.keepalive_s, config.stopping)
         return await _unless_gone(request, chat_full(eng, body, call))
 
     @app.post("/v1/completions", response_model=None)
@@ -251,8 +254,9 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         call = _call(eng, body, request, sid, tokens, None, None, {})
         call.activity = activity
         if body.stream:
-            _check_queue(eng, sid)
-            return sse(completion_stream(eng, body, call), call, config.keepalive_s)
+            chunks = await accepted(eng, call)
+            out = completion_stream(eng, body, call, chunks)
+            return sse(out, call, config.keepalive_s, config.stopping)
         return await _unless_gone(request, completion_full(eng, body, call))
 
     return app
@@ -288,14 +292,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def crashed(_: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
-
-
-def _check_queue(eng: LiveEngine, sid: str) -> None:
-    """A stream's status goes out with its headers: refuse it with 429 before, when it can."""
-    try:
-        eng.check_queue(sid)
-    except Overloaded as e:
-        raise overloaded(e) from None
 
 
 def _check_model(eng: LiveEngine, name: str | None) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 from mars.core.errors import UsageError
@@ -24,7 +27,10 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
         help="OpenAI-compatible server on the embedded llama.cpp engine",
         description=(
             "Serve /v1/chat/completions, /v1/completions, /v1/models, /metrics, "
-            "/v1/kv_cache_stats and /health on the embedded llama.cpp engine, scheduled by mars."
+            "/v1/kv_cache_stats and /health on the embedded llama.cpp engine, scheduled by mars. "
+            "A request without max_tokens may generate up to the rest of its context window "
+            "(--kv-tokens, at most the model's trained context), as vLLM does; a request "
+            "without seed samples with a fresh random one."
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
@@ -166,9 +172,21 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
         flush=True,
     )
-    # In-flight streams get 5 s to finish on Ctrl-C / SIGTERM, then they are cancelled (and
-    # aborted in the engine) so the engine shuts down instead of serving a long stream to the end.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+    # In-flight streams get 4 s to finish on Ctrl-C / SIGTERM, then end with a "shutdown" error
+    # event (and are aborted in the engine); uvicorn cancels what is left after 5 s, so the
+    # engine shuts down instead of serving a long stream to the end.
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+        )
     )
+    exit_ = uv.handle_exit
+
+    def handle_exit(sig: int, frame: FrameType | None) -> None:  # the loop's thread runs it
+        exit_(sig, frame)
+        with contextlib.suppress(RuntimeError):  # no loop yet: nothing is in flight
+            asyncio.get_running_loop().call_soon_threadsafe(server.stopping.set)
+
+    uv.handle_exit = handle_exit  # type: ignore[method-assign]
+    uv.run()
     return 0

@@ -125,14 +125,37 @@ class EventStream:
             self._file = None
 
 
-async def keepalive(items: AsyncIterator[T], every_s: float) -> AsyncIterator[T | None]:
-    """`items`, with a None whenever `every_s` pass without one."""
+class Stopping(Exception):
+    """The server is shutting down and the stream's grace has run out."""
+
+
+async def keepalive(
+    items: AsyncIterator[T],
+    every_s: float,
+    stop: asyncio.Event | None = None,
+    grace_s: float = 4.0,
+) -> AsyncIterator[T | None]:
+    """`items`, with a None whenever `every_s` pass without one. Once `stop` is set, the items
+    have `grace_s` more seconds to end, then `Stopping` is raised."""
     pending: asyncio.Future[T] | None = None
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    deadline: float | None = None
+    loop = asyncio.get_running_loop()
     try:
         while True:
             pending = asyncio.ensure_future(anext(items))
-            while not (await asyncio.wait({pending}, timeout=every_s))[0]:
-                yield None
+            while True:
+                if deadline is None and stopped is not None and stopped.done():
+                    deadline = loop.time() + grace_s
+                wait = every_s if deadline is None else min(every_s, deadline - loop.time())
+                if wait <= 0:
+                    raise Stopping
+                waits = {pending} if stopped is None or stopped.done() else {pending, stopped}
+                done, _ = await asyncio.wait(waits, timeout=wait, return_when="FIRST_COMPLETED")
+                if pending in done:
+                    break
+                if not done:
+                    yield None
             try:
                 item = pending.result()
             except StopAsyncIteration:
@@ -140,6 +163,8 @@ async def keepalive(items: AsyncIterator[T], every_s: float) -> AsyncIterator[T 
             pending = None
             yield item
     finally:
+        if stopped is not None:
+            stopped.cancel()
         if pending is not None and not pending.done():
             pending.cancel()  # the consumer left: cancel the wait (the request is aborted)
             with suppress(asyncio.CancelledError, StopAsyncIteration):

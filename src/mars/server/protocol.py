@@ -3,15 +3,44 @@ parameters, and OpenAI-style error bodies."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mars.engine.sampling import SamplingParams
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
-class _Body(BaseModel):
+
+class Checked(BaseModel):
+    """A request body whose strings are all text: JSON can spell a lone surrogate ("\\ud800"),
+    which no UTF-8 text holds, so it is refused here (400) rather than fail deep inside."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        stack = [(data, "")]
+        while stack:
+            node, path = stack.pop()
+            if isinstance(node, str):
+                if _SURROGATE.search(node):
+                    raise APIError(
+                        400,
+                        f"{path or 'body'} holds a lone UTF-16 surrogate, which is not text; "
+                        "send valid Unicode (pair or drop it)",
+                        param=path or None,
+                    )
+            elif isinstance(node, dict):
+                stack += [(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()]
+                stack += [(k, path) for k in node if isinstance(k, str)]
+            elif isinstance(node, list):
+                stack += [(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return data
+
+
+class _Body(Checked):
     # Unknown OpenAI fields (logprobs, presence_penalty, ...) are accepted and ignored, so
     # existing clients work unchanged. NaN and infinity are not sampling values.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)

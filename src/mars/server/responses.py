@@ -3,6 +3,7 @@ tool calls, usage. `app.py` validates and routes; this module answers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ from mars.control.admission import Overloaded
 from mars.engine.live import Chunk, LiveEngine
 from mars.engine.sampling import SamplingParams
 from mars.server import toolcalls
-from mars.server.eventstream import keepalive
+from mars.server.eventstream import Stopping, keepalive
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("mars.server")
@@ -65,7 +66,7 @@ class Call:
     activity: Activity | None = None  # told when the request starts and ends
 
 
-async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
+async def _generate(eng: LiveEngine, call: Call) -> AsyncGenerator[Chunk, None]:
     if call.activity is not None:
         call.activity.begin(call.session_id)
     try:
@@ -81,6 +82,8 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncIterator[Chunk]:
                     code="aborted",
                     headers={"Retry-After": "1"},
                 )
+            if chunk.finish_reason == "dead_end":
+                raise APIError(400, chunk.error or "sampling cannot go on", code="grammar_failed")
             yield chunk
     except ValueError as e:
         raise APIError(400, str(e)) from None
@@ -167,20 +170,35 @@ async def completion_full(eng: LiveEngine, body: CompletionRequest, call: Call) 
     }
 
 
+async def accepted(eng: LiveEngine, call: Call) -> AsyncGenerator[Chunk, None]:
+    """The call's chunks, once the engine took it: a stream's refusal (a full queue, a bad
+    request) raises here, before its headers go out."""
+    chunks = _generate(eng, call)
+    try:
+        await anext(chunks)  # the engine's empty first chunk
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return chunks
+
+
 async def chat_stream(
-    eng: LiveEngine, body: ChatRequest, call: Call
+    eng: LiveEngine, body: ChatRequest, call: Call, chunks: AsyncGenerator[Chunk, None]
 ) -> AsyncGenerator[dict[str, Any], None]:
     head = _head("chat.completion.chunk", eng)
     first = {"role": "assistant", "content": ""}
     yield {**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]}
     buffered = bool(call.fns)  # a call must be whole before it can be parsed: send it at the end
     text, last = "", None
-    async for chunk in _generate(eng, call):
-        last = chunk
-        text += chunk.text
-        if chunk.text and not buffered:
-            delta = {"content": chunk.text}
-            yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    try:
+        async for chunk in chunks:
+            last = chunk
+            text += chunk.text
+            if chunk.text and not buffered:
+                delta = {"content": chunk.text}
+                yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    finally:
+        await chunks.aclose()  # a client that left: abort the request
     assert last is not None
     content, calls = toolcalls.parse(text, call.fns) if buffered else (None, None)
     end: dict[str, Any] = {"content": content} if content else {}
@@ -193,15 +211,18 @@ async def chat_stream(
 
 
 async def completion_stream(
-    eng: LiveEngine, body: CompletionRequest, call: Call
+    eng: LiveEngine, body: CompletionRequest, call: Call, chunks: AsyncGenerator[Chunk, None]
 ) -> AsyncGenerator[dict[str, Any], None]:
     head = _head("text_completion", eng)
     last = None
-    async for chunk in _generate(eng, call):
-        last = chunk
-        if chunk.text or (body.return_token_ids and chunk.token_ids):
-            choice = {"index": 0, "text": chunk.text, "finish_reason": None}
-            yield {**head, "choices": [{**choice, **_ids(body, chunk.token_ids)}]}
+    try:
+        async for chunk in chunks:
+            last = chunk
+            if chunk.text or (body.return_token_ids and chunk.token_ids):
+                choice = {"index": 0, "text": chunk.text, "finish_reason": None}
+                yield {**head, "choices": [{**choice, **_ids(body, chunk.token_ids)}]}
+    finally:
+        await chunks.aclose()
     assert last is not None
     reason = _finish_reason(last, None)
     yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}
@@ -210,19 +231,27 @@ async def completion_stream(
 
 
 def sse(
-    events: AsyncGenerator[dict[str, Any], None], call: Call, keepalive_s: float = 10.0
+    events: AsyncGenerator[dict[str, Any], None],
+    call: Call,
+    keepalive_s: float = 10.0,
+    stopping: asyncio.Event | None = None,
 ) -> StreamingResponse:
     """Server-sent events ending in `data: [DONE]`; an error after the headers went out is sent
     as an OpenAI error event. While nothing comes (a session waiting for admission, a long
-    prefill), a comment line every `keepalive_s` keeps proxies and clients from timing out."""
+    prefill), a comment line every `keepalive_s` keeps proxies and clients from timing out.
+    Once `stopping` is set (SIGTERM), a stream has a few seconds to end, then ends with a
+    "shutdown" error event."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for event in keepalive(events, keepalive_s):
+            async for event in keepalive(events, keepalive_s, stopping):
                 if event is None:
                     yield b": keep-alive\n\n"
                 else:
                     yield f"data: {json.dumps(event)}\n\n".encode()
+        except Stopping:
+            err = error_body(503, "the server is shutting down; retry", code="shutdown")
+            yield f"data: {json.dumps(err)}\n\n".encode()
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n".encode()
         except Exception as e:  # a bug: say so in the stream, end it cleanly

@@ -24,6 +24,11 @@ MAX_PATTERN_PRODUCT = 1_000_000
 MAX_GRAMMAR_CHARS = 1 << 20
 _BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 _QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+# A function name as OpenAI takes it (plus "." and ":", which MCP clients send).
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# No token spells a NUL, and no UTF-8 text holds a lone surrogate: a grammar that must emit one
+# can never finish.
+_UNSPELLABLE = re.compile(r"[\x00\ud800-\udfff]")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
@@ -72,6 +77,13 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "{'name': ..., 'parameters': {...}}}",
                 param=f"tools[{i}]",
             )
+        if not _NAME.fullmatch(fn["name"]):
+            raise APIError(
+                400,
+                f"tools[{i}].function.name {fn['name']!r} must be 1-128 letters, digits, "
+                "'_', '-', '.' or ':'",
+                param=f"tools[{i}].function.name",
+            )
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise APIError(
@@ -79,14 +91,18 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 f"tools[{i}].function.parameters must be a JSON schema object",
                 param=f"tools[{i}]",
             )
+        _check_strings(params, f"tools[{i}].function.parameters")
         desc = fn.get("description")
         desc = desc if isinstance(desc, str) else ""
         out[fn["name"]] = {"description": desc, "parameters": params}
     return out
 
 
-def render(model: ChatModel, messages: list[dict[str, Any]], fns: dict[str, Any]) -> str:
-    """The prompt text: the template's own tool syntax if it has one, else a system message."""
+def render(
+    model: ChatModel, messages: list[dict[str, Any]], fns: dict[str, Any]
+) -> tuple[str, list[str]]:
+    """The prompt text (the template's own tool syntax if it has one, else a system message),
+    and the messages' texts in it, which are text even where they spell a special token."""
     native = "tools" in (model.chat_template or "")
     messages = normalize_messages(messages, native)
     tools = None
@@ -99,7 +115,7 @@ def render(model: ChatModel, messages: list[dict[str, Any]], fns: dict[str, Any]
         else:
             messages.insert(0, {"role": "system", "content": note})
     try:
-        return model.render_chat(messages, tools)
+        return model.render_chat(messages, tools), [m["content"] for m in messages]
     except Exception as e:  # template errors are the messages' fault (wrong order, roles, ...)
         raise APIError(400, f"the messages cannot be rendered: {e}", param="messages") from None
 
@@ -144,6 +160,26 @@ def grammar(fns: dict[str, Any]) -> str:
             param="tools",
         )
     return gbnf
+
+
+def _check_strings(schema: Any, where: str) -> None:
+    """Refuse a NUL or a lone surrogate anywhere in a schema, in a key or a value."""
+    stack = [(schema, where)]
+    while stack:
+        node, path = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            at = f"{path}[{key!r}]" if isinstance(key, str) else f"{path}[{key}]"
+            for text in (key, value):
+                if isinstance(text, str) and _UNSPELLABLE.search(text):
+                    raise APIError(
+                        400,
+                        f"{at} holds a NUL or a lone surrogate ({text[:40]!r}), which no "
+                        "output can contain; remove it",
+                        param="tools",
+                    )
+            if isinstance(value, dict | list):
+                stack.append((value, at))
 
 
 def _check_bounds(schema: Any, where: str) -> None:
