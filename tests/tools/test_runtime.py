@@ -17,6 +17,7 @@ from mars.tools.cpus import format_cpu_list, parse_cpu_list
 from mars.tools.runner import processes_of
 from mars.tools.runtime import ToolCancelled, ToolInputError
 from mars.tools.sandbox import cgroup_v2_available
+from mars.tools.workspace import OWNER
 
 
 @needs_bwrap
@@ -179,6 +180,7 @@ def test_the_start_up_check_starts_one_tool_and_leaves_no_workspace(unsafe: bool
     async def scenario() -> None:
         async with tool_runtime(unsafe=unsafe) as rt:
             rt.check()
-            assert rt.workspaces.opened() == [] and list(rt.workspaces.root.iterdir()) == []
+            root = rt.workspaces.root
+            assert rt.workspaces.opened() == [] and list(root.iterdir()) == [root / OWNER]
 
     asyncio.run(scenario())

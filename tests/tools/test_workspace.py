@@ -1,5 +1,5 @@
 """Workspaces: safe names for any session id, seeding from a directory or an archive (refusing
-archives that point outside), and removal."""
+archives that point outside), and removal, also of the roots of processes that were killed."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import asyncio
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 from tools_helpers import needs_bwrap, tool_runtime
 
-from mars.tools.workspace import Workspaces, dir_name
+from mars.tools.workspace import ROOT_PREFIX, Workspaces, dir_name
 
 
 @pytest.fixture()
@@ -39,6 +42,33 @@ def test_any_session_id_is_one_safe_directory_under_the_root(session_id: str, ro
     assert dir_name("a/b") != dir_name("a_b")  # sanitizing never merges two ids
     spaces.close()
     assert spaces.root.is_dir() and not ws.path.exists()  # a given root is kept
+
+
+KILLED = (
+    "import os, signal; from mars.tools.workspace import Workspaces; "
+    "print(Workspaces().root, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+)
+
+
+def test_the_temporary_root_of_a_killed_process_goes_at_the_next_start(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = root.parent
+    monkeypatch.setattr(tempfile, "tempdir", str(parent))
+    live = Workspaces()
+    env = {**os.environ, "TMPDIR": str(parent)}
+    killed = subprocess.run([sys.executable, "-c", KILLED], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    dead = Path(killed.stdout.strip())
+    assert dead.parent == parent and dead.is_dir()
+    half_made = parent / f"{ROOT_PREFIX}half-made"  # no owner file yet (or an older mars's root)
+    half_made.mkdir()
+    spaces = Workspaces()
+    assert not dead.exists()
+    assert live.root.is_dir() and half_made.is_dir()  # its process lives; unknown: not ours
+    spaces.close()
+    live.close()
+    assert not live.root.exists() and not spaces.root.exists()
 
 
 def make_tree(top: Path) -> Path:

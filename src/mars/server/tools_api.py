@@ -1,7 +1,8 @@
 """The tools API: run a command in a session's workspace, seed or delete the workspace.
 
 `POST /v1/sessions/{id}/tools` `{"command": "pytest -x", "timeout_s": 30, "name": "test"}`
-answers `{"stdout", "stderr", "exit_code", "timed_out", "truncated", "queue_wait_s", "run_s"}`.
+answers `{"stdout", "stderr", "exit_code", "timed_out", "truncated", "queue_wait_s", "run_s"}`;
+a client that disconnects first kills its run (and frees the worker for other sessions).
 `POST /v1/sessions/{id}/workspace` `{"seed": "/abs/path/dir-or-archive"}` seeds from a path on the
 server; `DELETE /v1/sessions/{id}/workspace` kills the session's tools and removes its files.
 """
@@ -12,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict
 
+from mars.server.disconnect import unless_gone
 from mars.server.protocol import APIError
 from mars.server.responses import Activity
 from mars.tools.runtime import ToolCancelled, ToolInputError, ToolRuntime
@@ -48,13 +50,16 @@ def tools_router(
             raise APIError(501, f"the tools API is off: {INSTALL_HINT}", code="tools_disabled")
         return rt
 
-    @router.post("/v1/sessions/{session_id}/tools")
-    async def run_tool(session_id: str, body: ToolRun) -> dict[str, Any]:
+    @router.post("/v1/sessions/{session_id}/tools", response_model=None)
+    async def run_tool(
+        session_id: str, body: ToolRun, request: Request
+    ) -> dict[str, Any] | Response:
         rt = runtime()
         if activity is not None:
             activity.begin(session_id)
         try:
-            result = await rt.run(session_id, body.command, body.timeout_s, body.name)
+            work = rt.run(session_id, body.command, body.timeout_s, body.name)
+            result = await unless_gone(request, work)
         except ToolInputError as e:
             raise APIError(400, str(e), param=e.param) from None
         except ToolCancelled as e:
@@ -62,6 +67,8 @@ def tools_router(
         finally:
             if activity is not None:
                 activity.end(session_id)
+        if result is None:
+            return Response(status_code=499)  # nobody is listening any more
         return result.to_json()
 
     @router.post("/v1/sessions/{session_id}/workspace")

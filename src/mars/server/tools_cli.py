@@ -36,7 +36,8 @@ def add_tool_args(p: argparse.ArgumentParser) -> None:
         "--workspace-root",
         type=Path,
         metavar="DIR",
-        help="where session workspaces live (default: a temporary directory, removed at exit)",
+        help="where session workspaces live (default: a temporary directory, removed at exit, "
+        "or by the next mars serve if this one is killed)",
     )
     g.add_argument(
         "--seed-root",

@@ -48,7 +48,8 @@ class ToolConfig:
     cpus: tuple[int, ...] | None = None  # pin tool processes to these CPUs
     limits: Limits = field(default_factory=Limits)
     unsafe: bool = False  # plain processes, no bubblewrap (`--unsafe-tools`)
-    workspace_root: Path | None = None  # None: a temporary directory, removed by close()
+    # None: a temporary directory, removed by close() (or by the next server, if this one is killed)
+    workspace_root: Path | None = None
     max_timeout_s: float = MAX_TIMEOUT_S
     # Where workspaces may be seeded from (`--seed-root`); none: seeding is off, so API clients
     # cannot copy arbitrary server files into a workspace they can read.

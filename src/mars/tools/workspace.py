@@ -11,10 +11,15 @@ directory first (tar with the `data` filter, zip checked by hand, both refusing 
 `..` and links that leave the tree), then moves the staged entries in. The move never follows a
 link a tool created: it descends only into real directories, and the runtime seeds only while the
 session has no tool running.
+
+A temporary root holds an owner file, locked (flock) for as long as its server lives: the kernel
+drops the lock when the server dies, even by SIGKILL, so the next server to start removes the
+roots whose lock is free and never one whose server still runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import pwd
@@ -30,6 +35,8 @@ from pathlib import Path
 from mars.core.errors import UsageError
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".zip")
+ROOT_PREFIX = "mars-tools-"  # temporary roots, in tempfile.gettempdir()
+OWNER = ".owner"  # in a temporary root: its server's pid, locked while that server lives
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -48,13 +55,19 @@ def dir_name(session_id: str) -> str:
 
 
 class Workspaces:
-    """The workspaces of one server. `root=None`: a temporary root, removed by `close()`."""
+    """The workspaces of one server. `root=None`: a temporary root, removed by `close()` (or,
+    when the server is killed, by the next one to start: see `reap_dead_roots`)."""
 
     def __init__(
         self, root: Path | None = None, uid_base: int = 200_000, max_seed_bytes: int = 4 << 30
     ) -> None:
         self._owned = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="mars-tools-")) if root is None else root
+        self._owner_fd: int | None = None
+        if root is None:
+            reap_dead_roots(Path(tempfile.gettempdir()))
+            root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX))
+            self._owner_fd = _claim(root)
+        self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.root = self.root.resolve()  # so a seed path can be compared with it
         self.per_session_uid = os.geteuid() == 0
@@ -125,6 +138,9 @@ class Workspaces:
             self.remove(session_id)
         if self._owned:
             _remove_tree(self.root)
+        if self._owner_fd is not None:  # unlocked only once removed: no reaper races us
+            os.close(self._owner_fd)
+            self._owner_fd = None
 
     def _new_uid(self) -> int:
         while True:
@@ -170,6 +186,42 @@ class Workspaces:
             raise ValueError(
                 f"{source} holds more than {self.max_seed_bytes} bytes: seed from something smaller"
             )
+
+
+def reap_dead_roots(parent: Path) -> list[Path]:
+    """Remove the temporary roots in `parent` whose server died without `close()`: those of this
+    user whose owner file is not locked. A root without one (being made, or by an older mars) is
+    left alone. Answers the roots removed."""
+    reaped = []
+    for root in sorted(parent.glob(ROOT_PREFIX + "*")):
+        try:
+            st = os.lstat(root)
+            fd = os.open(root / OWNER, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone, or no owner file (yet)
+        try:
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # a link, or another user's
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its server lives (or another one is removing it)
+            _remove_tree(root)
+            reaped.append(root)
+        finally:
+            os.close(fd)
+    return reaped
+
+
+def _claim(root: Path) -> int:
+    """Lock a fresh owner file in `root` for this process's lifetime. It is locked under another
+    name and then renamed, so a reaper never finds it unlocked while `root` is being set up."""
+    fresh = root / (OWNER + ".new")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.rename(fresh, root / OWNER)
+    return fd
 
 
 def _check_member(name: str, archive: Path) -> None:
