@@ -102,6 +102,9 @@ class _Sampler:
                 raise ValueError("the output's grammar did not compile")
             L.llama_sampler_chain_add(chain, g)
         if params.logit_bias:
+            if any(not 0 <= t < model.n_vocab for t, _ in params.logit_bias):
+                self.close()
+                raise ValueError(f"logit_bias token ids must be in [0, {model.n_vocab})")
             entries = [L.llama_logit_bias(t, b) for t, b in params.logit_bias]
             bias = (L.llama_logit_bias * len(entries))(*entries)
             L.llama_sampler_chain_add(

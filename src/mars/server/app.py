@@ -222,6 +222,10 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         # ~1 s for a 4 MiB body
         prompt = await asyncio.to_thread(eng.model.tokenize_chat, text, contents)
         grammar = toolcalls.grammar(fns) if mode not in ("none", "auto") else None
+        extra = body.model_extra or {}
+        grammar = grammar or toolcalls.output_grammar(
+            extra.get("response_format"), extra.get("guided_json")
+        )
         sid = session_of(body, request.headers, chat_opening(body.messages))
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
         call.activity = activity

@@ -40,9 +40,14 @@ class Checked(BaseModel):
         return data
 
 
+# Fields of OpenAI's and vLLM's APIs that mars does not implement: a request that asks for one is
+# refused with a 400 that names it, rather than answered as if it had not asked.
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "structured_outputs")
+
+
 class _Body(Checked):
-    # Unknown OpenAI fields (logprobs, presence_penalty, ...) are accepted and ignored, so
-    # existing clients work unchanged. NaN and infinity are not sampling values.
+    # Other unknown fields are accepted and ignored, so existing clients work unchanged. NaN and
+    # infinity are not sampling values.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
@@ -50,6 +55,11 @@ class _Body(Checked):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -138,6 +148,11 @@ def sampling_params(
     body: _Body, prompt_len: int, context: int, max_completion: int | None, grammar: str | None
 ) -> SamplingParams:
     """The request's sampling parameters, or a 400 that says which value is wrong and why."""
+    extra = body.model_extra or {}
+    for field in UNSUPPORTED:
+        value = extra.get(field)
+        if value is not None and value is not False and not (field == "best_of" and value == 1):
+            raise APIError(400, f"{field} is not supported by mars serve; drop it", param=field)
     if body.n != 1:
         raise APIError(400, f"n must be 1: one choice per request (got {body.n})", param="n")
     room = context - prompt_len
@@ -166,6 +181,10 @@ def sampling_params(
         (body.temperature >= 0, "temperature", "must be >= 0"),
         (0 < body.top_p <= 1, "top_p", "must be in (0, 1]"),
         (body.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)"),
+        (0 <= body.min_p <= 1, "min_p", "must be in [0, 1]"),
+        (-2 <= body.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+        (-2 <= body.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+        (0 < body.repetition_penalty <= 2, "repetition_penalty", "must be in (0, 2]"),
     )
     for ok, field, rule in checks:
         if not ok:
@@ -181,12 +200,27 @@ def sampling_params(
     ignore_eos = xargs.get("ignore_eos", body.ignore_eos)
     if not isinstance(ignore_eos, bool):
         raise APIError(400, "ignore_eos must be true or false", param="ignore_eos")
+    bias = []
+    for token, value in (body.logit_bias or {}).items():
+        if not token.isdigit() or not -100 <= value <= 100:
+            raise APIError(
+                400,
+                f"logit_bias maps token ids (as strings) to values in [-100, 100], got "
+                f"{token!r}: {value}",
+                param="logit_bias",
+            )
+        bias.append((int(token), value))
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=min(body.top_k, 2**31 - 1),  # llama.cpp takes an int32; more is "off" anyway
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=tuple(bias),
         seed=body.seed,
         stop=tuple(s for s in stop if s),
         min_tokens=min_tokens,

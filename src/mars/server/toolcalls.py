@@ -132,8 +132,6 @@ def system_prompt(fns: dict[str, Any]) -> str:
 
 def grammar(fns: dict[str, Any]) -> str:
     """GBNF for exactly one call `{"name": ..., "arguments": {...}}` of one of `fns`."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     for name, fn in fns.items():
         _check_bounds(fn["parameters"], f"tools {name!r} parameters")
     schema = {
@@ -146,18 +144,53 @@ def grammar(fns: dict[str, Any]) -> str:
             for name, fn in fns.items()
         ]
     }
+    return _gbnf(schema, "the tools' parameter schemas")
+
+
+def output_grammar(response_format: Any, guided_json: Any) -> str | None:
+    """GBNF for OpenAI's `response_format` (json_object, json_schema) or vLLM's `guided_json`;
+    None for plain text."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    schema = guided_json
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return JSON_GBNF
+        spec = response_format.get("json_schema") if kind == "json_schema" else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(
+                400,
+                "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}",
+                param="response_format",
+            )
+    if schema is None:
+        return None
+    if isinstance(schema, str):
+        schema = _loads(schema)
+    if not isinstance(schema, dict):
+        raise APIError(400, "guided_json must be a JSON schema object", param="guided_json")
+    _check_strings(schema, "the output's schema")
+    _check_bounds(schema, "the output's schema")
+    return _gbnf(schema, "the output's schema", "response_format")
+
+
+def _gbnf(schema: dict[str, Any], what: str, param: str = "tools") -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
     try:
         gbnf = str(json_schema_to_gbnf(json.dumps(schema)))
     except (Exception, RecursionError) as e:  # the converter raises plain Exceptions
-        raise APIError(
-            400, f"the tools' parameter schemas cannot be enforced: {e}", param="tools"
-        ) from None
+        raise APIError(400, f"{what} cannot be enforced: {e}", param=param) from None
     if len(gbnf) > MAX_GRAMMAR_CHARS or _nesting(gbnf) > MAX_BOUND:
         raise APIError(
             400,
-            "the tools' parameter schemas are too large to enforce with a grammar; simplify "
-            "them or use tool_choice 'auto'",
-            param="tools",
+            f"{what} is too large to enforce with a grammar; simplify it",
+            param=param,
         )
     return gbnf
 

@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from mars.server.disconnect import unless_gone
-from mars.server.protocol import APIError
+from mars.server.protocol import APIError, Checked
 from mars.server.responses import Activity
 from mars.tools.runtime import ToolCancelled, ToolInputError, ToolRuntime
 from mars.tools.sandbox import INSTALL_HINT
 
 
-class ToolRun(BaseModel):
+class ToolRun(Checked):
     model_config = ConfigDict(extra="forbid")  # a misspelt "timeout" must not be ignored
 
     command: str
@@ -31,7 +31,7 @@ class ToolRun(BaseModel):
     name: str | None = None  # the tool's category; default: classed from the command
 
 
-class WorkspaceSeed(BaseModel):
+class WorkspaceSeed(Checked):
     model_config = ConfigDict(extra="forbid")
 
     seed: str  # absolute path, on the server, of a directory or .tar/.tar.gz/.tgz/.zip file
@@ -74,6 +74,8 @@ def tools_router(
     @router.post("/v1/sessions/{session_id}/workspace")
     async def seed_workspace(session_id: str, body: WorkspaceSeed) -> dict[str, Any]:
         rt = runtime()
+        if "\x00" in body.seed:
+            raise APIError(400, "seed holds a NUL byte, which no path can", param="seed")
         source = Path(body.seed)
         if not source.is_absolute():
             raise APIError(400, f"seed must be an absolute path, got {body.seed!r}", param="seed")
