@@ -61,7 +61,11 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
     p.add_argument(
         "--threads",
         type=positive_int,
-        help="llama.cpp threads (default: one per engine CPU)",
+        help=(
+            "llama.cpp threads (default: one per --engine-cpus CPU; without it, one per CPU "
+            "but one: llama.cpp's threads spin at every step, and holding every core while a "
+            "client, a tool or another process ran slowed steps ~17x on 2 cores)"
+        ),
     )
     p.add_argument(
         "--engine-cpus",
@@ -116,7 +120,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.engine_cpus:
         # Set before any thread starts: llama.cpp's and uvicorn's threads inherit it.
         os.sched_setaffinity(0, parse_cpu_list(args.engine_cpus))
-    threads = args.threads or len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0))
+    threads = args.threads or (cpus if args.engine_cpus else max(1, cpus - 1))
     make_policy(args.policy, settings)  # a bad name or parameter: one clear error, now
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
