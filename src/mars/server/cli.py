@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -64,7 +65,7 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
         help=(
             "llama.cpp threads (default: one per --engine-cpus CPU; without it, one per CPU "
             "but one: llama.cpp's threads spin at every step, and holding every core while a "
-            "client, a tool or another process ran slowed steps ~17x on 2 cores)"
+            "client, a tool or another process ran made steps take ~9 s on 2 cores)"
         ),
     )
     p.add_argument(
@@ -172,6 +173,14 @@ def run_serve(args: argparse.Namespace) -> int:
         api_key, args.session_idle_timeout, args.sse_keepalive, events, recorder, tools=tools
     )
     app = create_app(lambda: engine, server)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"mars serve: WARNING: listening on {args.host} without --api-key: anyone who "
+            "reaches this address can run tools in, and read, every session's workspace. "
+            "Without a key the server is single-tenant: listen on 127.0.0.1, or set --api-key.",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
         f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
