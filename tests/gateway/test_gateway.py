@@ -196,7 +196,8 @@ def test_a_tiny_window_queues_then_refuses(replicas: list[str]) -> None:
     tiny = gateway(
         replicas,
         *("--policy", "mars", "--set", "window_start=1", "--set", "window_min=1"),
-        *("--set", "window_inc=0", "--max-queued", "2", "--queue-timeout", "2"),
+        *("--set", "window_inc=0", "--set", "dormant_floor_s=1e9"),
+        *("--max-queued", "2", "--queue-timeout", "2"),
         *("--sse-keepalive", "0.2"),
     )
     base = tiny.base
