@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,16 +31,19 @@ def serve(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port)]
     cmd += ["--kv-tokens", str(KV_TOKENS), "--threads", "2", *extra]
+    # Its output goes to a file, not a pipe: a pipe nobody reads fills up (a line per request)
+    # and blocks the server.
+    out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed after the process stops)
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                raise AssertionError(f"mars serve exited with {proc.returncode}: {out}")
+                out.seek(0)
+                raise AssertionError(f"mars serve exited with {proc.returncode}: {out.read()}")
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -51,3 +55,4 @@ def serve(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        out.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -39,14 +40,15 @@ def start(*args: str, healthy: tuple[int, ...] = (200,), port: int | None = None
     port = port or free_port()
     cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port), *args]
     env = {k: v for k, v in os.environ.items() if k != "MARS_API_KEY"}
-    popen = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    # Output to a file: a pipe nobody reads fills up (a line per request) and blocks the server.
+    out = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the process; gone with it)
+    popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     proc = Proc(popen, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 60
     while True:
         if popen.poll() is not None:
-            raise AssertionError(popen.stdout.read() if popen.stdout else b"")
+            out.seek(0)
+            raise AssertionError(out.read())
         with suppress(httpx.HTTPError):
             if httpx.get(f"{proc.base}/health", timeout=1).status_code in healthy:
                 return proc

@@ -210,3 +210,33 @@ def test_hostile_tool_requests_get_a_400(
     r = post(server, body, f"/v1/sessions/hostile/{path}")
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
     alive(server)
+
+
+def test_every_request_is_logged_and_no_tools_turns_the_tools_api_off(tmp_path: Any) -> None:
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port), "--no-tools"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        ok = post(base, {"messages": GO, "max_tokens": 2, "session_id": "logged"})
+        assert ok.status_code == 200 and ok.headers["x-session-id"] == "logged"
+        assert post(base, {"messages": []}).status_code == 422
+        assert post(base, {"command": "true"}, "/v1/sessions/x/tools").status_code == 501
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    assert any("POST /v1/chat/completions 200 session=logged" in line for line in lines), lines
+    assert any("POST /v1/chat/completions 422" in line for line in lines), lines
+    assert any("/v1/sessions/x/tools 501" in line for line in lines), lines

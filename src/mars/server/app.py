@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ _COUNTERS = frozenset(
     }
 )
 log = logging.getLogger("mars.server")
+access_log = logging.getLogger("mars.server.access")
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
 
 
@@ -122,6 +124,40 @@ class _Guard:
         await self.app(scope, counted, send)
 
 
+class _AccessLog:
+    """One log line per request when it ends: method, path, status, session, seconds (logger
+    `mars.server.access`; `mars serve` prints it). Pure ASGI: streams pass through as they go."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/health", "/metrics"):
+            return await self.app(scope, receive, send)
+        t0, status, session = time.monotonic(), 0, "-"
+
+        async def watched(message: Message) -> None:
+            nonlocal status, session
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for key, value in message.get("headers", ()):
+                    if key.lower() == b"x-session-id":
+                        session = value.decode(errors="replace")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            access_log.info(
+                "%s %s %s session=%s %.2fs",
+                scope["method"],
+                scope["path"],
+                status or "-",
+                session,
+                time.monotonic() - t0,
+            )
+
+
 def _too_large(size: int) -> str:
     return f"the request body ({size}+ bytes) exceeds the limit of {MAX_BODY_BYTES} bytes"
 
@@ -153,6 +189,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
 
     app = FastAPI(title="mars", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=config.api_key)
+    app.add_middleware(_AccessLog)  # outermost: refusals by the guard are logged too
     app.include_router(tools_router(lambda: config.tools, activity))
 
     def end(session_id: str) -> None:
@@ -344,7 +381,9 @@ async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Res
                 await task
     if task.cancelled():
         return Response(status_code=499)  # nobody is listening any more
-    return JSONResponse(task.result())
+    result = task.result()
+    sid = result.get("session_id")
+    return JSONResponse(result, headers={"X-Session-ID": sid} if isinstance(sid, str) else None)
 
 
 async def _disconnected(request: Request) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from mars.core.errors import UsageError
 from mars.gateway.cli import add_gateway_args, run_gateway_cli
 from mars.sched.registry import make_policy
 from mars.sched.settings_args import add_policy_settings, policy_settings
-from mars.server.tools_cli import add_tool_args, start_tools, tool_config
+from mars.server.tools_cli import add_tool_args, start_tools, tool_config, tool_options_given
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
 from mars.tools.cpus import parse_cpu_list
 
@@ -168,11 +169,20 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         raise UsageError(f"{e} (check --model and --kv-tokens)") from None
     api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
-    tools = start_tools(tools_config, engine.clock, engine.tool_event)
+    tools = None
+    if not args.no_tools:
+        required = tool_options_given(args)
+        tools = start_tools(tools_config, engine.clock, engine.tool_event, required=required)
     server = ServerConfig(
         api_key, args.session_idle_timeout, args.sse_keepalive, events, recorder, tools=tools
     )
     app = create_app(lambda: engine, server)
+    access = logging.getLogger("mars.server.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("mars serve: %(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"mars serve: WARNING: listening on {args.host} without --api-key: anyone who "

@@ -48,6 +48,11 @@ def add_tool_args(p: argparse.ArgumentParser) -> None:
         help="workspaces may be seeded from paths under DIR (repeatable; default: no seeding)",
     )
     g.add_argument(
+        "--no-tools",
+        action="store_true",
+        help="turn the tools API off (its routes answer 501)",
+    )
+    g.add_argument(
         "--unsafe-tools",
         action="store_true",
         help="run tools as plain processes, without bubblewrap (no isolation beyond the uid)",
@@ -55,7 +60,12 @@ def add_tool_args(p: argparse.ArgumentParser) -> None:
 
 
 def tool_config(args: argparse.Namespace) -> ToolConfig | None:
-    """The tool settings, or None when tools are off (no bubblewrap and no --unsafe-tools)."""
+    """The tool settings, or None when tools are off (--no-tools, or no bubblewrap and no
+    --unsafe-tools)."""
+    if args.no_tools:
+        if tool_options_given(args):
+            raise UsageError("--no-tools turns the tools API off: drop the other tool options")
+        return None
     cpus = tuple(parse_cpu_list(args.tool_cpus)) if args.tool_cpus else None
     root: Path | None = args.workspace_root
     if root is not None and root.exists() and not root.is_dir():
@@ -63,7 +73,7 @@ def tool_config(args: argparse.Namespace) -> ToolConfig | None:
     if root is not None and not os.access(root if root.exists() else root.parent, os.W_OK):
         raise UsageError(f"--workspace-root {root}: not writable (give a directory you can write)")
     if not args.unsafe_tools and shutil.which("bwrap") is None:
-        if any(v is not None for v in (args.tool_workers, args.tool_cpus, root)) or args.seed_root:
+        if tool_options_given(args):
             raise UsageError(f"the tool options need bubblewrap: {INSTALL_HINT}")
         return None
     for seed_root in args.seed_root:
@@ -74,11 +84,21 @@ def tool_config(args: argparse.Namespace) -> ToolConfig | None:
     return ToolConfig(args.tool_workers, cpus, limits, args.unsafe_tools, root, seed_roots=seeds)
 
 
+def tool_options_given(args: argparse.Namespace) -> bool:
+    """Whether any option asks for tools (then tools that cannot start are an error)."""
+    given = (args.tool_workers, args.tool_cpus, args.workspace_root)
+    return any(v is not None for v in given) or bool(args.seed_root) or args.unsafe_tools
+
+
 def start_tools(
-    config: ToolConfig | None, clock: Clock, publish: Callable[[Event], None]
+    config: ToolConfig | None,
+    clock: Clock,
+    publish: Callable[[Event], None],
+    required: bool = True,
 ) -> ToolRuntime | None:
     """The runtime, after one sandbox started for real (so a host without user namespaces fails
-    now, with the fix, not on the first tool call)."""
+    now, with the fix, not on the first tool call). Where no option asked for tools
+    (`required` False), a sandbox that cannot start turns the tools API off with one line."""
     if config is None:
         print(f"mars serve: the tools API is off: {INSTALL_HINT}", flush=True)
         return None
@@ -88,7 +108,10 @@ def start_tools(
         raise UsageError(f"--workspace-root: {e}") from None
     try:
         tools.check()
-    except UsageError:
+    except UsageError as e:
         tools.workspaces.close()
-        raise
+        if required:
+            raise
+        print(f"mars serve: the tools API is off (--no-tools hides this): {e}", flush=True)
+        return None
     return tools
