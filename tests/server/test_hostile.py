@@ -240,3 +240,20 @@ def test_every_request_is_logged_and_no_tools_turns_the_tools_api_off(tmp_path: 
     assert any("POST /v1/chat/completions 200 session=logged" in line for line in lines), lines
     assert any("POST /v1/chat/completions 422" in line for line in lines), lines
     assert any("/v1/sessions/x/tools 501" in line for line in lines), lines
+
+
+def test_served_model_names_are_listed_looked_up_and_checked() -> None:
+    gen = serve("--threads", "1", "--served-model-name", "coder", "org/coder-v2")
+    base = next(gen)
+    try:
+        listed = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in listed] == ["coder", "org/coder-v2"]
+        one = httpx.get(f"{base}/v1/models/org/coder-v2", timeout=30)
+        assert one.status_code == 200 and one.json()["id"] == "org/coder-v2"
+        assert httpx.get(f"{base}/v1/models/gpt-4", timeout=30).status_code == 404
+        body = {"messages": GO, "max_tokens": 1}
+        assert post(base, {**body, "model": "org/coder-v2"}).status_code == 200
+        wrong = post(base, {**body, "model": "gpt-4"})
+        assert wrong.status_code == 404 and "'coder'" in wrong.json()["error"]["message"]
+    finally:
+        gen.close()

@@ -85,6 +85,8 @@ class ServerConfig:
     events: EventStream | None = None  # the event stream (a JSONL file with --events)
     recorder: TraceRecorder | None = None  # --record-trace
     tools: ToolRuntime | None = None  # the tools API (None: off, the routes answer 501)
+    # --served-model-name: the names clients may ask for (default: the model file's name)
+    model_names: tuple[str, ...] = ()
     # Set when the server starts to shut down (SIGTERM, Ctrl-C): streams end with an error.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -218,8 +220,26 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         eng = engine()
-        card = {"id": eng.model.name, "object": "model", "created": 0, "owned_by": "mars"}
-        return {"object": "list", "data": [{**card, "max_model_len": eng.max_context}]}
+        return {"object": "list", "data": [card(eng, name) for name in names(eng)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        eng = engine()
+        _check_model(eng, model_id, names(eng))
+        return card(eng, model_id)
+
+    def names(eng: LiveEngine) -> tuple[str, ...]:
+        return config.model_names or (eng.model.name,)
+
+    def card(eng: LiveEngine, name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mars",
+            "root": eng.model.name,
+            "max_model_len": eng.max_context,
+        }
 
     @app.get("/v1/kv_cache_stats")
     async def kv_cache_stats() -> dict[str, Any]:
@@ -253,7 +273,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Response:
         eng = engine()
-        _check_model(eng, body.model)
+        _check_model(eng, body.model, names(eng))
         fns, mode = toolcalls.chosen(body.tools, body.tool_choice)
         text, contents = toolcalls.render(eng.model, body.messages, fns)
         # ~1 s for a 4 MiB body
@@ -275,7 +295,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         eng = engine()
-        _check_model(eng, body.model)
+        _check_model(eng, body.model, names(eng))
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -335,11 +355,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
 
-def _check_model(eng: LiveEngine, name: str | None) -> None:
-    if name is not None and name not in (eng.model.name, *MODEL_ALIASES):
+def _check_model(eng: LiveEngine, name: str | None, served: tuple[str, ...]) -> None:
+    if name is not None and name not in (*served, eng.model.name, *MODEL_ALIASES):
         raise APIError(
             404,
-            f"model {name!r} is not served here; use {eng.model.name!r} "
+            f"model {name!r} is not served here; use {' or '.join(map(repr, served))} "
             f"(or {', '.join(MODEL_ALIASES)})",
             param="model",
             code="model_not_found",

@@ -41,6 +41,14 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
     add_policy_settings(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MARS_API_KEY)")
     p.add_argument("--model", help="GGUF model file (default: SmolLM2-135M-Instruct, bundled)")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="the model's names in the API, as vLLM's option (default: the file's name; "
+        "'default' and 'mars' are always accepted)",
+    )
     p.add_argument("--kv-tokens", type=positive_int, default=16384, help="KV cache size, tokens")
     p.add_argument(
         "--max-sessions",
@@ -174,7 +182,13 @@ def run_serve(args: argparse.Namespace) -> int:
         required = tool_options_given(args)
         tools = start_tools(tools_config, engine.clock, engine.tool_event, required=required)
     server = ServerConfig(
-        api_key, args.session_idle_timeout, args.sse_keepalive, events, recorder, tools=tools
+        api_key,
+        args.session_idle_timeout,
+        args.sse_keepalive,
+        events,
+        recorder,
+        tools=tools,
+        model_names=tuple(args.served_model_name),
     )
     app = create_app(lambda: engine, server)
     access = logging.getLogger("mars.server.access")
