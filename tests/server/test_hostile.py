@@ -166,21 +166,26 @@ def test_a_streaming_burst_past_the_queue_is_refused_before_headers() -> None:
         gen.close()
 
 
+def healthy(proc: subprocess.Popen[Any], base: str) -> None:
+    """Wait for a server this module started itself (to signal it, or to read its output)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+
+
 def test_sigterm_ends_streams_with_an_error_and_done() -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        healthy(proc, base)
         body = {"prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         lines: list[str] = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
@@ -219,15 +224,7 @@ def test_every_request_is_logged_and_no_tools_turns_the_tools_api_off(tmp_path: 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        healthy(proc, base)
         ok = post(base, {"messages": GO, "max_tokens": 2, "session_id": "logged"})
         assert ok.status_code == 200 and ok.headers["x-session-id"] == "logged"
         assert post(base, {"messages": []}).status_code == 422

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from mars.control.admission import Overloaded
 from mars.gateway.control import Control
 from mars.gateway.proxy import Extras, Proxy
+from mars.server.disconnect import unless_gone
 from mars.server.protocol import APIError, _Body
 from mars.server.responses import Activity, overloaded
 from mars.server.sessions import func_calls, is_last_step, session_of
@@ -48,19 +48,8 @@ class Calls:
         upstream request: the upstream sees the disconnect and aborts it)."""
         if body.stream:  # Starlette cancels a stream whose client left
             return await self._handle(body, request.headers, info)
-        task = asyncio.ensure_future(self._handle(body, request.headers, info))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not task.done():
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
-        if task.cancelled():
-            return Response(status_code=499)  # nobody is listening any more
-        return task.result()
+        answer = await unless_gone(request, self._handle(body, request.headers, info))
+        return Response(status_code=499) if answer is None else answer  # 499: nobody listens
 
     async def _handle(self, body: _Body, headers: Mapping[str, str], info: CallInfo) -> Response:
         sid = session_of(body, headers, info.opening)
@@ -142,11 +131,6 @@ class Calls:
 
         headers = {"X-Session-ID": extras.session_id, "Cache-Control": "no-cache"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _error_event(error: dict[str, Any]) -> bytes:

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mars.engine.live import LiveEngine
 from mars.server import toolcalls
+from mars.server.disconnect import unless_gone
 from mars.server.eventstream import EventStream
 from mars.server.protocol import (
     APIError,
@@ -385,30 +386,15 @@ def _call(
 async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
     """Run `work`, cancelling it (and so aborting the request in the engine) if the client
     disconnects first."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        result = await unless_gone(request, work)
     except asyncio.CancelledError:  # the server is shutting down and ran out of patience
-        task.cancel()
         headers = {"Retry-After": "5"}
         return error_response(503, "the server is shutting down; retry", None, "shutdown", headers)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
+    if result is None:
         return Response(status_code=499)  # nobody is listening any more
-    result = task.result()
     sid = result.get("session_id")
     return JSONResponse(result, headers={"X-Session-ID": sid} if isinstance(sid, str) else None)
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _reap_idle(end: Callable[[str], None], activity: Activity, timeout_s: float) -> None:
