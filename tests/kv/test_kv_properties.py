@@ -1,5 +1,6 @@
 """Property tests of the KV manager: no block leaked or double-freed, and a prefix hit only ever
-serves KV that was computed for exactly the same tokens of the same session."""
+serves KV that was computed for exactly the same tokens, by the same session or, through the
+shared prefix tree, by another session whose prompt began with them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from mars.core.clock import SimClock
 from mars.core.request import Request
-from mars.kv.manager import KVBlocks, KVConfig, KVManager, Retention
+from mars.kv.manager import KVConfig, KVManager, Retention
 
 BS = 4
 _fresh = itertools.count(1)
+# Leading tokens that sessions' first prompts share (a framework's system prompt), and a second
+# system prompt that begins as the first does: the tree splits where they part.
+_SYSTEM = [-i for i in range(1, 14)]
+_PREFIXES = ([], _SYSTEM, _SYSTEM[:6] + [-100 - i for i in range(9)])
 
 
 class KVMachine(RuleBasedStateMachine):
@@ -32,9 +37,7 @@ class KVMachine(RuleBasedStateMachine):
         self.turn = itertools.count()
 
     def _blocks(self, sid: str) -> list[int]:
-        chain = self.kv._chains[sid]
-        assert isinstance(chain, KVBlocks)
-        return chain.blocks
+        return self.kv.block_table(sid)
 
     def _check_served(self, req: Request, tokens: list[int], upto: int) -> None:
         blocks = self._blocks(req.session_id)
@@ -56,21 +59,24 @@ class KVMachine(RuleBasedStateMachine):
         out=st.integers(1, 6),
         limit=st.integers(1, 40),
         restore=st.booleans(),
+        system=st.sampled_from(range(len(_PREFIXES))),
     )
     def start_call(
-        self, sid: str, keep: float, new: int, out: int, limit: int, restore: bool
+        self, sid: str, keep: float, new: int, out: int, limit: int, restore: bool, system: int
     ) -> None:
         if sid in self.running:
             return
         prev = self.seq.get(sid, [])
         reuse = int(len(prev) * keep)  # keep < 1: the history was rewritten
-        tokens = prev[:reuse] + [next(_fresh) for _ in range(new)]
-        req = Request(f"{sid}-{next(self.turn)}", sid, len(tokens), out, reuse, 0.0)
+        head = prev[:reuse] if prev else list(_PREFIXES[system])
+        tokens = head + [next(_fresh) for _ in range(new)]
+        req = Request(f"{sid}-{next(self.turn)}", sid, len(tokens), out, reuse, 0.0, prefix=tokens)
         start = self.kv.start(req, limit, restore=restore)
         if start is None:
             return
         cached = start.hit.gpu_tokens + start.hit.host_tokens
-        assert cached <= reuse and cached % BS == 0
+        assert cached < len(tokens) and cached % BS == 0
+        assert start.hit.host_tokens == 0 or start.hit.gpu_tokens + start.hit.host_tokens <= reuse
         # Restored tokens come back from the host copy: the executor writes them.
         self._write(req, tokens, start.hit.gpu_tokens, start.hit.host_tokens)
         self._check_served(req, tokens, cached)
@@ -118,7 +124,7 @@ class KVMachine(RuleBasedStateMachine):
     def integrity(self) -> None:
         self.kv.check_integrity()
         if self.max_sequences is not None:
-            on_gpu = sum(1 for c in self.kv._chains.values() if c.blocks)
+            on_gpu = sum(1 for c in self.kv._chains.values() if c.blocks or c.base)
             assert on_gpu <= self.max_sequences, f"{on_gpu} sessions hold KV"
 
 
@@ -128,7 +134,7 @@ class SlotLimitedKVMachine(KVMachine):
     max_sequences = 2
 
 
-KVMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+KVMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
 SlotLimitedKVMachine.TestCase.settings = KVMachine.TestCase.settings
 TestKVProperties = KVMachine.TestCase
 TestSlotLimitedKVProperties = SlotLimitedKVMachine.TestCase

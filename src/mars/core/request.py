@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -40,6 +41,11 @@ class Request:
     reuse_tokens: int
     arrival_time: float
     turn_index: int = 0
+    # Content ids of the prompt's leading tokens (the token ids, or the simulator's stand-ins),
+    # equal across sessions where their KV is equal: the KV manager may serve a call that its
+    # own session cannot from blocks another session holds for the same leading tokens. Empty:
+    # nothing is shared.
+    prefix: Sequence[int] = ()
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_output_tokens: int = 0

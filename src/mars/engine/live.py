@@ -32,6 +32,7 @@ from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
 from mars.engine.sampling import SamplingParams
 from mars.kv.manager import KVConfig, KVManager
+from mars.kv.prefix import common_prefix
 from mars.sched.plan import StepPlan, StepResult
 from mars.sched.policy import StepTimer
 from mars.sched.registry import make_policy
@@ -341,7 +342,7 @@ class LiveEngine:
             session.admitted_time = session.arrival_time
             self.sessions[session_id] = session
         prev = self._last_seq.get(session_id, [])
-        reuse = _common_prefix(prev, call.prompt)
+        reuse = common_prefix(prev, call.prompt, len(prev))
         req = Request(
             call.rid,
             session_id,
@@ -350,6 +351,7 @@ class LiveEngine:
             reuse,
             call.arrival,
             len(session.turns),
+            prefix=call.prompt,  # other sessions' KV for the same leading tokens is shared
         )
         stream = call.stream
         stream.req = req
@@ -565,14 +567,6 @@ class LiveEngine:
 def _sibling(session_id: str) -> str:
     base, sep, n = session_id.rpartition("#")
     return f"{base}#{int(n) + 1}" if sep and n.isdigit() else f"{session_id}#1"
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -3,6 +3,7 @@
 One context, many sequence slots, one unified KV cache. The scheduler's KV manager (block size 1,
 one block per cell, at most `n_seq_max` sessions on the GPU) decides; this class mirrors every
 decision in the real cache through the `KVListener` calls: truncations (`llama_memory_seq_rm`),
+prefixes shared between sessions (`llama_memory_seq_cp`: one cell tagged with several sequences),
 offloads (`llama_state_seq_get_data` into host memory), warm restores ahead of a call
 (`prefetched`) and, from the plan, restores (`llama_state_seq_set_data`). Restores are exact:
 same cells, same logits as a recompute with the same chunking on an empty cache.
@@ -219,6 +220,11 @@ class LlamaCppExecutor:
         if num_tokens == 0:
             del self._seq[session_id]
             self._free_seqs.append(seq)
+
+    def shared(self, session_id: str, source_id: str, num_tokens: int) -> None:
+        seq = self._slot(session_id)
+        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        L.llama_memory_seq_cp(self.mem, self._seq[source_id], seq, 0, num_tokens)
 
     def offloaded(self, session_id: str, num_tokens: int) -> None:
         seq = self._seq.get(session_id)

@@ -29,11 +29,12 @@ class BlockPool:
         self._empty: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() from the end
         self._cached: OrderedDict[Chain, None] = OrderedDict()  # least recently released first
         self._num_cached = 0
+        self._num_waiting = 0  # free blocks that become evictable once what follows them goes
         self._on_evict = on_evict
 
     @property
     def num_free(self) -> int:
-        return len(self._empty) + self._num_cached
+        return len(self._empty) + self._num_cached + self._num_waiting
 
     @property
     def num_empty(self) -> int:
@@ -79,6 +80,12 @@ class BlockPool:
         if chain.blocks:
             self._cached[chain] = None
             self._num_cached += len(chain.blocks)
+
+    def wait(self, n: int) -> None:
+        """`n` blocks are free but not evictable yet: blocks that follow them are cached, and
+        are evicted first (taking them is how these become cached)."""
+        self._num_waiting += n
+        assert self._num_waiting >= 0, "waiting blocks below zero"
 
     def remove_cached(self, chain: Chain) -> None:
         """Take a cached chain back out of the free blocks (a prefix hit, or its session ended)."""

@@ -30,6 +30,11 @@ class KVListener(Protocol):
         """The session's GPU KV now holds only its first `num_tokens` tokens (0: none)."""
         ...
 
+    def shared(self, session_id: str, source_id: str, num_tokens: int) -> None:
+        """The session's sequence (holding nothing) now starts with the first `num_tokens` tokens
+        of KV that session `source_id`'s sequence holds: the same cells, not a copy."""
+        ...
+
     def offloaded(self, session_id: str, num_tokens: int) -> None:
         """Copy the session's first `num_tokens` tokens of KV to host memory now."""
         ...
