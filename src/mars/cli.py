@@ -86,6 +86,16 @@ def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> N
     p.add_argument("--token-scale", type=positive_float, default=1.0)
     p.add_argument("--time-scale", type=positive_float, default=1.0)
     p.add_argument("--kv-scale", type=positive_float, default=1.0, help="multiply KV capacity")
+    p.add_argument(
+        "--shared-prefix-tokens",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="the first N prompt tokens of the sessions of one trajectory group (traj_id less "
+        "its instance: one framework's system prompt and tools; the traces have no text) are "
+        "the same: the KV manager shares their KV across sessions as the live engine does "
+        "(default 0: nothing shared)",
+    )
     if single_run:
         p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -250,6 +260,7 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
         token_scale=args.token_scale,
         time_scale=args.time_scale,
         kv_scale=args.kv_scale,
+        shared_prefix_tokens=args.shared_prefix_tokens,
         policy_settings=policy_settings(args),
         **load,
     )

@@ -28,7 +28,8 @@ def test_a_second_session_finds_the_system_prompt_cached_and_holds_it_once() -> 
     hit = kv.stats().hit_tokens
     assert hit == 40 and kv.shared_tokens == 40, "the whole system prompt came from a's KV"
     assert kv.block_table("a")[:10] == kv.block_table("b")[:10], "the same blocks, not a copy"
-    assert kv.own_tokens("b") == 0 and kv.cached_tokens("b") == 40
+    assert kv.shared_prefix_tokens("b") == 40 and kv.cached_tokens("b") == 40
+    assert kv.segment_tokens == 40
     assert kv.used_blocks == 10 + 1 + 1, "the system prompt once, and a's and b's own tails"
     kv.check_integrity()
 
@@ -57,8 +58,10 @@ def test_the_shared_prefix_is_evicted_after_the_sessions_own_blocks() -> None:
     # 16 more blocks: the oldest own tails go first, then x's, then the system prompt's tail.
     _call(kv, "y", list(range(100, 164)))
     kv.check_integrity()
-    assert kv.own_tokens("a") == kv.own_tokens("b") == 0
-    assert 0 < kv.cached_tokens("a") == kv.cached_tokens("b") < 40, "the shared tail went last"
+    left = kv.shared_prefix_tokens("a")
+    assert 0 < left < 40 and kv.cached_tokens("a") == kv.cached_tokens("b") == left, (
+        "the own tails went first, then the shared one"
+    )
     assert kv.residency("a") is Residency.CACHED
 
 

@@ -451,3 +451,23 @@ def test_time_split_adds_up_and_shows_decode_contention() -> None:
         assert split["tools_and_agent_s"] == pytest.approx(2.0)  # the one 2 s tool
         assert split["decode_s"] > 0 and split["prefill_s"] > 0
     assert two["decode_s_per_token"] > 1.2 * one["decode_s_per_token"]  # a batch of 2 is slower
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_a_shared_system_prompt_is_computed_once_per_framework(fast_forward: bool) -> None:
+    # Four sessions of one trajectory group and one of another: with 2,000 shared leading
+    # tokens, the first computes them and the others of its group, arriving while it runs its
+    # first tool (a finished call's blocks are shared, a running call's are not), reuse them.
+    specs = [spec_with_tools(f"s{i}") for i in range(4)]
+    other = spec_with_tools("s9")
+    specs.append(SessionSpec(other.session_id, "other/s9", other.turns))
+    arrivals = Arrivals(times=(0.0, 2.0, 2.1, 2.2, 2.3))
+    alone = run_sim(specs, arrivals, SimConfig(fast_forward=fast_forward))
+    shared = run_sim(
+        specs, arrivals, SimConfig(fast_forward=fast_forward, shared_prefix_tokens=2000)
+    )
+    assert alone.shared_tokens == 0
+    # s1-s3 reuse s0's first 2,000 tokens; s9 is of another group and shares nothing with them.
+    assert shared.shared_tokens == 3 * 2000
+    assert shared.hit_tokens == alone.hit_tokens + 3 * 2000
+    assert sum(r.prefill_s for r in shared.records) < sum(r.prefill_s for r in alone.records)

@@ -175,10 +175,17 @@ class KVManager:
         chain = self._chains.get(session_id)
         return 0 if chain is None else chain.num_tokens
 
-    def own_tokens(self, session_id: str) -> int:
-        """Tokens of the session's GPU KV that no other session shares: what keeping it costs."""
+    def shared_prefix_tokens(self, session_id: str) -> int:
+        """Leading tokens of the session's sequence held in shared segments: they stay on the
+        GPU while any session below them needs them, so keeping the session's KV costs only
+        what follows, and so does computing it again."""
         chain = self._chains.get(session_id)
-        return 0 if chain is None else chain.num_tokens - chain.base
+        return 0 if chain is None else chain.base
+
+    @property
+    def segment_tokens(self) -> int:
+        """Tokens held in shared segments, each counted once."""
+        return sum(seg.end - seg.start for seg in self._segments)
 
     def host_tokens(self, session_id: str) -> int:
         """Tokens of the session's KV with a copy in host memory."""

@@ -46,6 +46,7 @@ class SimSpec:
     time_scale: float = 1.0
     kv_scale: float = 1.0
     host_kv_gb: float = 256.0  # host memory for offloaded KV (per GPU)
+    shared_prefix_tokens: int = 0  # leading prompt tokens all sessions share (one framework)
     policy_settings: tuple[tuple[str, str], ...] = ()  # --set key=value overrides
     fast_forward: bool = True
     # A `mars calibrate` preset: its fitted model replaces the gpu x model roofline.
@@ -166,6 +167,7 @@ def run_experiment(
         tool_workers=spec.tool_workers,
         tool_overhead_s=spec.tool_overhead_s,
         fast_forward=spec.fast_forward,
+        shared_prefix_tokens=spec.shared_prefix_tokens,
         host_kv_tokens=int(spec.host_kv_gb * 1e9 / max(1.0, kv_bytes_per_token(cost))),
     )
     config = with_engine_limits(config, cost)
@@ -232,6 +234,7 @@ def _result(
         "recomputed_prefill_tokens": out.recomputed_tokens,
         "hit_rate": out.hit_tokens / out.prompt_tokens if out.prompt_tokens else 0.0,
         "reusable_rate": _reusable_rate(specs, out),
+        "shared_rate": out.shared_tokens / out.prompt_tokens if out.prompt_tokens else 0.0,
         "evictions": out.evictions,
         "offloads": out.offloads,
         "restores": out.restores,

@@ -62,6 +62,10 @@ class SimConfig:
     max_num_seqs: int = 256
     host_kv_tokens: int = 0  # host memory for offloaded KV, in tokens
     kv_tokens: int | None = None  # KV capacity override; None = the cost model's capacity
+    # Leading prompt tokens every session shares (one framework's system prompt and tools): the
+    # KV manager shares their blocks across sessions. The traces carry no text, so this stands
+    # in for what the live engine finds by comparing token ids.
+    shared_prefix_tokens: int = 0
     # Sessions whose KV may be on the GPU at once (llama.cpp's sequence slots); None = any.
     kv_sequences: int | None = None
     fast_forward: bool = True
@@ -73,6 +77,8 @@ class SimConfig:
             raise ValueError("tool_workers must be at least 1")
         if self.tool_overhead_s < 0:
             raise ValueError("tool_overhead_s must be non-negative")
+        if self.shared_prefix_tokens < 0:
+            raise ValueError("shared_prefix_tokens must be non-negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,7 @@ class SimOutcome:
     offloads: int
     restores: int
     kv_blocks: int
+    shared_tokens: int = 0  # prompt tokens served from KV other sessions computed
     kv_usage: list[tuple[float, float]] = field(default_factory=list)
     # The admission window when it changed (policies that keep one), and sessions admitted then.
     admission_window: list[tuple[float, int, int]] = field(default_factory=list)
@@ -161,6 +168,9 @@ class Simulation:
         # What fits is whole blocks: a session longer than that can never run.
         self.kv_capacity_tokens = num_blocks * config.block_size
         self.max_model_len = cost.max_model_len
+        # Content ids of each framework's shared leading tokens (sessions of one trajectory group,
+        # `traj_id` less its instance): one tuple a group, so matching it is an identity check.
+        self._shared_prefix: dict[str, tuple[int, ...]] = {}
         self.kv = KVManager(
             KVConfig(num_blocks, config.block_size, config.host_kv_tokens, config.kv_sequences),
             self.clock,
@@ -251,6 +261,7 @@ class Simulation:
             st.offloads,
             st.restores,
             self.kv.num_blocks,
+            self.kv.shared_tokens,
             self.kv_usage,
             self.window,
         )
@@ -374,6 +385,7 @@ class Simulation:
             turn.reuse_tokens,
             self.clock.now(),
             agent.turn_index,
+            prefix=self._prefix_of(agent.spec.traj_id),
         )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
@@ -381,6 +393,17 @@ class Simulation:
         # KV usage is sampled when calls arrive and finish: instants at which a fast-forwarded
         # run and a step-by-step one are in the same state.
         self.kv_usage.append((self.clock.now(), self.kv.usage))
+
+    def _prefix_of(self, traj_id: str) -> tuple[int, ...]:
+        n = self.config.shared_prefix_tokens
+        if not n:
+            return ()
+        group = traj_id.rsplit("/", 1)[0]
+        key = self._shared_prefix.get(group)
+        if key is None:
+            first = len(self._shared_prefix) << 40  # content ids no other group uses
+            key = self._shared_prefix[group] = tuple(range(first, first + n))
+        return key
 
     def _reveal_tool(self, req: Request) -> None:
         """The call's output is complete: it names the tool the agent runs next."""

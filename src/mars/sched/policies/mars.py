@@ -244,13 +244,17 @@ class MarsPolicy(BasePolicy):
             return Retention.DROP
         kv = self.ctx.kv
         c = req.num_computed_tokens
+        # A shared prefix stays while other sessions need it: keeping, computing again and
+        # restoring concern only the tokens after it.
+        base = min(kv.shared_prefix_tokens(session.session_id), c)
+        own = c - base
         expected = self.expected_away(req.next_tool)
-        recompute = timer.step_seconds(1, c, c * (c + 1) // 2, c)
+        recompute = timer.step_seconds(1, own, (c * (c + 1) - base * (base + 1)) // 2, c)
         host_room = kv.config.host_capacity_tokens - kv.host_used_tokens >= c
-        restore = timer.transfer_seconds(c) if host_room else math.inf
+        restore = timer.transfer_seconds(own) if host_room else math.inf
         capacity = kv.num_blocks * kv.block_size
         p = min(kv.usage, 0.99)
-        pin_cost = expected * (c / capacity) * p / (1.0 - p)
+        pin_cost = expected * (own / capacity) * p / (1.0 - p)
         if pin_cost < min(recompute, restore):
             self._pins[session.session_id] = self._now() + self.pin_lapse * expected
             return Retention.PIN
@@ -350,12 +354,13 @@ class MarsPolicy(BasePolicy):
         assert self.ctx is not None
         kv = self.ctx.kv
         duty = self.duty() if self.duty_footprint else 1.0
-        total = 0.0
+        total = float(kv.segment_tokens)  # shared prefixes, once
         for s in self._active():
+            own = max(0, s.context_tokens - kv.shared_prefix_tokens(s.session_id))
             if s.status is SessionStatus.TOOL and s.session_id not in self._pins:
-                total += s.context_tokens * duty
+                total += own * duty
             else:
-                total += s.context_tokens
+                total += own
         return total / (kv.num_blocks * kv.block_size)
 
     def cpu_load(self) -> float:
