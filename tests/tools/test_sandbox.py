@@ -148,8 +148,17 @@ def test_a_hanging_tool_is_killed_at_its_timeout_and_leaves_nothing_behind() -> 
 def test_a_fork_bomb_is_contained() -> None:
     async def scenario() -> None:
         async with tool_runtime() as rt:
-            r = await rt.run("bomb", ":(){ :|:& };:", 3)
+            # Each copy stays alive (`sleep`), so the count climbs to RLIMIT_NPROC: the supervisor
+            # kills the run past its 256 processes, or the kernel's limit holds until the timeout.
+            # (dash refuses `:` as a function name, so the classic `:(){ :|:& };:` never forks.)
+            r = await rt.run("bomb", "f(){ f|f & sleep 30.5; }; f", 3)
             assert r.timed_out or r.exit_code != 0
+            assert r.killed is None or r.killed.startswith(("process limit", "timeout")), r
+            for _ in range(40):
+                if not host_pids("sleep 30.5"):
+                    break
+                await asyncio.sleep(0.05)
+            assert host_pids("sleep 30.5") == []
             ws = rt.workspaces.get("bomb")
             assert ws is not None
             if ws.uid is not None:

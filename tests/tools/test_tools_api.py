@@ -49,12 +49,14 @@ def test_a_tool_runs_and_answers_its_output_and_timings(client: TestClient) -> N
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {
-        "stdout", "stderr", "exit_code", "timed_out", "truncated", "queue_wait_s", "run_s"
+        "stdout", "stderr", "exit_code", "timed_out", "killed", "truncated", "queue_wait_s",
+        "run_s",
     }  # fmt: skip
     assert (body["stdout"], body["stderr"], body["exit_code"]) == ("hi\n", "err\n", 3)
-    assert not body["timed_out"] and body["run_s"] > 0
+    assert not body["timed_out"] and body["killed"] is None and body["run_s"] > 0
     hung = client.post("/v1/sessions/s1/tools", json={"command": "sleep 100", "timeout_s": 0.3})
     assert hung.json()["timed_out"] is True and hung.json()["exit_code"] == 137
+    assert hung.json()["killed"] == "timeout: the run took longer than 0.3 s"
 
 
 @needs_bwrap

@@ -30,7 +30,15 @@ def add_tool_args(p: argparse.ArgumentParser) -> None:
         "--tool-memory-mb",
         type=positive_int,
         default=Limits().memory_bytes >> 20,
-        help="address-space limit of each tool process, MiB",
+        help="memory of each tool run, MiB: its processes' resident memory together (and each "
+        "one's address space); a run past it is killed",
+    )
+    g.add_argument(
+        "--tool-disk-mb",
+        type=positive_int,
+        default=Limits().disk_bytes >> 20,
+        help="disk quota of each session's workspace, MiB: a run past it is killed, and a "
+        "workspace over it takes only `rm` runs until files are deleted",
     )
     g.add_argument(
         "--workspace-root",
@@ -79,7 +87,7 @@ def tool_config(args: argparse.Namespace) -> ToolConfig | None:
     for seed_root in args.seed_root:
         if not seed_root.is_dir():
             raise UsageError(f"--seed-root {seed_root}: not a directory")
-    limits = Limits(memory_bytes=args.tool_memory_mb << 20)
+    limits = Limits(memory_bytes=args.tool_memory_mb << 20, disk_bytes=args.tool_disk_mb << 20)
     seeds = tuple(args.seed_root)
     return ToolConfig(args.tool_workers, cpus, limits, args.unsafe_tools, root, seed_roots=seeds)
 

@@ -4,7 +4,8 @@ The process starts in its own session (so its own process group); at the timeout
 caller is cancelled, the group gets SIGKILL. In a sandbox that kills bwrap, whose pid 1 dies with
 it and takes the whole pid namespace along; in unsafe mode the group is all there is, so a tool
 that calls `setsid` itself escapes it (`kill_uid` at the session's end catches it when each
-session has its own uid).
+session has its own uid). While it runs, a `supervise` callback (`Supervisor.watch`) may bound
+its memory, processes and disk and kill it earlier; `Outcome.killed` then says why.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mars.tools.supervisor import Watch
 
 _CHUNK = 1 << 16
 _GRACE_S = 1.0  # how long output may still arrive after the process died
@@ -30,6 +34,7 @@ class Outcome:
     exit_code: int
     timed_out: bool
     truncated: bool  # stdout or stderr went past the cap
+    killed: str | None = None  # why it was killed (a limit, the timeout), or None: it ended
 
 
 async def run_process(
@@ -39,8 +44,10 @@ async def run_process(
     timeout_s: float,
     output_cap: int,
     uid: int | None = None,
+    supervise: Callable[[int], Watch] | None = None,
 ) -> Outcome:
-    """Run `argv` (as `uid` when given, which needs root) and wait at most `timeout_s`."""
+    """Run `argv` (as `uid` when given, which needs root) and wait at most `timeout_s`;
+    `supervise(pid)` starts watching the process's limits."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=subprocess.DEVNULL,
@@ -54,6 +61,7 @@ async def run_process(
         extra_groups=[] if uid is not None else None,
     )
     assert proc.stdout is not None and proc.stderr is not None
+    watch = supervise(proc.pid) if supervise is not None else None
     readers = [
         asyncio.ensure_future(_drain(proc.stdout, output_cap)),
         asyncio.ensure_future(_drain(proc.stderr, output_cap)),
@@ -68,6 +76,8 @@ async def run_process(
         # Also after a normal exit: in unsafe mode, background children may still hold the pipes.
         _kill_group(proc.pid)
         await proc.wait()
+        if watch is not None:
+            watch.release()
         _, pending = await asyncio.wait(readers, timeout=_GRACE_S)
         for task in pending:
             task.cancel()
@@ -75,7 +85,11 @@ async def run_process(
         t.result() if not t.cancelled() else (b"", True) for t in readers
     )
     code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
-    return Outcome(out, err, code if code >= 0 else 128 - code, timed_out, out_cut or err_cut)
+    killed = watch.reason if watch is not None else None
+    if killed is None and timed_out:
+        killed = f"timeout: the run took longer than {timeout_s:g} s"
+    code = code if code >= 0 else 128 - code
+    return Outcome(out, err, code, timed_out, out_cut or err_cut, killed)
 
 
 async def _drain(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:

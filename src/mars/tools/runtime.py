@@ -3,6 +3,11 @@
 A run waits only for a free worker (first come, first served), then runs sandboxed (see
 `mars.tools.sandbox`) and reports `ToolEnqueued`, `ToolStart` and `ToolEnd` on the event stream,
 timed by the injected clock, so the scheduler sees the CPU phase of every session as it happens.
+
+One `Supervisor` bounds every run's memory and processes and every workspace's disk, killing a
+run past a limit; `ToolResult.killed` says which (and a line at the end of stderr, for clients
+that only show the output). A workspace over its disk quota takes no run but one that only
+deletes (`rm ...`, `rmdir ...`, nothing else on the line), so an agent can make room again.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import resource
 from collections import deque
 from collections.abc import Callable
@@ -22,10 +28,14 @@ from mars.core.events import Event, ToolEnd, ToolEnqueued, ToolStart
 from mars.tools.category import categorize
 from mars.tools.runner import Outcome, kill_uid, processes_of, run_process
 from mars.tools.sandbox import Limits, Sandbox, check_sandbox, make_sandbox
+from mars.tools.supervisor import Budget, Supervisor
 from mars.tools.workspace import Workspace, Workspaces
 
 MAX_TIMEOUT_S = 3600.0
 MAX_COMMAND_CHARS = 64 << 10
+# A command that can only delete: rm or rmdir and their arguments, globs and quotes allowed, but
+# no `;`, `&`, `|`, redirection, `$`, backquote, parenthesis or newline that could run more.
+_ONLY_DELETES = re.compile(r"\s*(rm|rmdir)(\s[^;&|<>$`()\n]*)?")
 
 
 class ToolInputError(ValueError):
@@ -38,6 +48,10 @@ class ToolInputError(ValueError):
 
 class ToolCancelled(Exception):
     """The run was killed because its session ended or the runtime closed."""
+
+
+class WorkspaceFull(ToolInputError):
+    """The session's workspace is over its disk quota: only a run that deletes may start."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,11 @@ class ToolConfig:
 class ToolResult:
     stdout: str
     stderr: str
-    exit_code: int  # 128 + N when killed by signal N (137 at a timeout)
+    exit_code: int  # 128 + N when killed by signal N (137 at a timeout or a limit)
     timed_out: bool
+    # Why mars killed the run, e.g. "memory limit: the run held 2.1 GiB, over its 2.0 GiB
+    # (--tool-memory-mb)", "process limit: ...", "disk quota: ...", "timeout: ..."; None: it ended.
+    killed: str | None
     truncated: bool  # stdout or stderr was cut at the output cap
     queue_wait_s: float  # waiting for a worker
     run_s: float
@@ -92,7 +109,9 @@ class ToolRuntime:
         self.publish = publish
         self.workers = config.worker_count()
         self.busy = 0  # workers running a tool
-        self.workspaces = Workspaces(config.workspace_root)
+        limits = config.limits
+        self.workspaces = Workspaces(config.workspace_root, max_seed_bytes=limits.disk_bytes)
+        self.supervisor = Supervisor(limits.disk_bytes, limits.disk_files)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._running: dict[str, set[asyncio.Task[Outcome]]] = {}
         self._seeding: dict[str, asyncio.Event] = {}
@@ -112,6 +131,9 @@ class ToolRuntime:
         while session_id in self._seeding:
             await self._seeding[session_id].wait()
         ws = self.workspaces.open(session_id)
+        deletes = _ONLY_DELETES.fullmatch(command) is not None
+        if not deletes:
+            await self._check_quota(session_id, ws)
         enqueued = self.clock.now()
         self._emit(ToolEnqueued(enqueued, session_id, category, cpu_heavy=True))
         await self._acquire()
@@ -121,7 +143,7 @@ class ToolRuntime:
             started = self.clock.now()
             self._emit(ToolStart(started, session_id, category))
             try:
-                outcome = await self._spawn(session_id, ws, command, timeout_s)
+                outcome = await self._spawn(session_id, ws, command, timeout_s, deletes)
             finally:
                 ended = self.clock.now()
                 self._emit(
@@ -129,11 +151,16 @@ class ToolRuntime:
                 )
         finally:
             self._release()
+        stderr = outcome.stderr.decode(errors="replace")
+        if outcome.killed is not None and not outcome.timed_out:
+            sep = "\n" if stderr and not stderr.endswith("\n") else ""
+            stderr += f"{sep}mars killed this run: {outcome.killed}\n"
         return ToolResult(
             outcome.stdout.decode(errors="replace"),
-            outcome.stderr.decode(errors="replace"),
+            stderr,
             outcome.exit_code,
             outcome.timed_out,
+            outcome.killed,
             outcome.truncated,
             started - enqueued,
             ended - started,
@@ -154,7 +181,9 @@ class ToolRuntime:
             ws = self.workspaces.open(session_id)
             if ws.uid is not None:  # unsafe mode: a tool may have left a daemon behind
                 await asyncio.to_thread(kill_uid, ws.uid)
-            return await asyncio.to_thread(self.workspaces.seed, session_id, source)
+            seeded = await asyncio.to_thread(self.workspaces.seed, session_id, source)
+            self.supervisor.forget(seeded.path)  # measured afresh at the next run
+            return seeded
         finally:
             del self._seeding[session_id]
             done.set()
@@ -171,6 +200,7 @@ class ToolRuntime:
         if ws.uid is not None:
             await asyncio.to_thread(kill_uid, ws.uid)
         await asyncio.to_thread(self.workspaces.remove, session_id)
+        self.supervisor.forget(ws.path)
         return True
 
     def check(self) -> None:
@@ -201,18 +231,37 @@ class ToolRuntime:
             if ws.uid is not None:
                 await asyncio.to_thread(kill_uid, ws.uid)
         await asyncio.to_thread(self.workspaces.close)
+        await asyncio.to_thread(self.supervisor.close)
 
     # ---- internals ------------------------------------------------------------------------------
-    async def _spawn(self, session_id: str, ws: Workspace, command: str, timeout: float) -> Outcome:
+    async def _check_quota(self, session_id: str, ws: Workspace) -> None:
+        used = self.supervisor.last_disk(ws.path)
+        if used is None or self.supervisor.over_quota(used) is not None:
+            # Never walked, or over at the last walk: files may have been deleted since.
+            used = await asyncio.to_thread(self.supervisor.measure, ws.path)
+        over = self.supervisor.over_quota(used)
+        if over is not None:
+            raise WorkspaceFull(
+                f"session {session_id!r}: {over}: delete files first with a run that only "
+                "deletes (`rm ...` or `rmdir ...` alone on the line, the only runs it takes "
+                f"now), or delete the workspace (DELETE /v1/sessions/{session_id}/workspace)"
+            )
+
+    async def _spawn(
+        self, session_id: str, ws: Workspace, command: str, timeout: float, deletes: bool
+    ) -> Outcome:
         argv = self.sandbox.argv(ws.path, command, self._nproc(ws))
+        lim = self.sandbox.limits
+        budget = Budget(lim.memory_bytes, lim.processes, self.sandbox.tmpfs, disk=not deletes)
         task = asyncio.ensure_future(
             run_process(
                 argv,
                 ws.path,
                 self.sandbox.env(ws.path),
                 timeout,
-                self.sandbox.limits.output_bytes,
+                lim.output_bytes,
                 ws.uid,
+                lambda pid: self.supervisor.watch(pid, budget, ws.path),
             )
         )
         running = self._running.setdefault(session_id, set())
@@ -230,8 +279,12 @@ class ToolRuntime:
                 del self._running[session_id]
 
     def _nproc(self, ws: Workspace) -> int:
-        """RLIMIT_NPROC for a run: it counts every process of the uid, not just the tool's."""
-        limit = self.sandbox.limits.processes
+        """RLIMIT_NPROC for a run: it counts every process of the uid, not just the tool's.
+
+        Twice the run's limit: the supervisor kills a run past `processes`, and the kernel stops
+        a fork bomb at twice that between two of its ticks (and bounds a session's runs together).
+        """
+        limit = 2 * self.sandbox.limits.processes
         if ws.uid is None:  # the server's own uid: its other processes count too
             limit += len(processes_of(os.getuid()))
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]

@@ -3,7 +3,8 @@
 A tool runs as `prlimit [taskset] bwrap ... sh -c COMMAND`:
 
 - `prlimit` sets hard resource limits that the sandbox inherits: processes (RLIMIT_NPROC, counted
-  per uid, so each session has its own uid when mars runs as root), address space (RLIMIT_AS),
+  per uid, so each session has its own uid when mars runs as root; at twice the run's limit, the
+  kernel's backstop to the supervisor's count), address space (RLIMIT_AS),
   file size (RLIMIT_FSIZE) and no core dumps. Binaries, not a `preexec_fn`: the server has threads,
   and Python code between fork and exec may deadlock on a lock another thread held.
 - `taskset -c LIST` pins the tool's processes when `--tool-cpus` is given.
@@ -11,13 +12,22 @@ A tool runs as `prlimit [taskset] bwrap ... sh -c COMMAND`:
   its workspace at `/work`, a private size-capped `/tmp`, and new user, pid, network, ipc, uts
   and cgroup namespaces: no network, no other process in sight, and when bwrap dies its pid 1
   dies with it (`--die-with-parent`), which ends every process in the namespace.
+- `/dev` is bwrap's: a tmpfs holding bind mounts of null, zero, full, random, urandom and tty,
+  remounted read-only (writes to those devices still work: a read-only mount stops new files,
+  not device I/O), with a private size-capped tmpfs at `/dev/shm` (POSIX shared memory and
+  semaphores need one). Without `--size` (bwrap before 0.8) `/tmp` is uncapped and `/dev/shm`
+  read-only.
 
-Memory is limited with RLIMIT_AS rather than a cgroup: a cgroup v2 memory limit needs a delegated,
-writable v2 hierarchy with the memory and pids controllers, which `cgroup_v2_available` detects but
-this module does not use yet (hosts with a v1 memory controller, like many containers, have none).
+What holds per run rather than per process is `mars.tools.supervisor`'s: the memory of all the
+run's processes together (`Limits.memory_bytes` again, plus what `/tmp` and `/dev/shm` hold), its
+process count, and its workspace's disk (`disk_bytes`, `disk_files`). A cgroup v2 would do this in
+the kernel, but needs a delegated, writable v2 hierarchy with the memory and pids controllers:
+`cgroup_v2_available` detects one, and nothing uses it yet, because no host here has one to test
+it on (hosts with a v1 memory controller, like many containers, have none).
 
-Unsafe mode (`--unsafe-tools`, no bwrap): the same limits and process-group kill, run in the
-workspace directory with no isolation beyond the uid.
+Unsafe mode (`--unsafe-tools`, no bwrap): the same limits, supervisor and process-group kill, run
+in the workspace directory with no isolation beyond the uid (so the disk quota counts only the
+workspace: the uid may write wherever it can).
 """
 
 from __future__ import annotations
@@ -43,12 +53,17 @@ _TOP = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 @dataclass(frozen=True)
 class Limits:
-    """What one tool run may use. Processes count per uid, see the module docstring."""
+    """What one tool run may use; see the module docstring for what enforces each."""
 
-    memory_bytes: int = 2 << 30  # address space of each process (RLIMIT_AS)
-    processes: int = 256  # RLIMIT_NPROC
+    # The run's resident memory, all processes together (supervisor), and each process's
+    # address space (RLIMIT_AS), which fails an allocation at once instead of killing the run.
+    memory_bytes: int = 2 << 30
+    processes: int = 256  # processes of one run (supervisor); RLIMIT_NPROC, per uid, at twice
     file_bytes: int = 1 << 30  # largest file a tool may write (RLIMIT_FSIZE)
     tmp_bytes: int = 256 << 20  # size of the sandbox's private /tmp (memory-backed)
+    shm_bytes: int = 64 << 20  # size of the sandbox's private /dev/shm (memory-backed)
+    disk_bytes: int = 1 << 30  # what a workspace may hold on disk (supervisor)
+    disk_files: int = 500_000  # entries a workspace may hold: also bounds the cost of a walk
     output_bytes: int = 64 << 10  # stdout and stderr kept, each; the rest is read and dropped
 
 
@@ -66,6 +81,11 @@ class Sandbox:
     @property
     def isolated(self) -> bool:
         return self.bwrap is not None
+
+    @property
+    def tmpfs(self) -> tuple[str, ...]:
+        """The sandbox's own memory-backed mounts, which the run's memory figure includes."""
+        return ("/tmp", "/dev/shm") if self.isolated and self.tmp_size_flag else ()
 
     def argv(self, workspace: Path, command: str, processes: int | None = None) -> list[str]:
         """The full command line for `command`, run in `workspace` (its host path).
@@ -104,10 +124,12 @@ class Sandbox:
             args += ["--ro-bind-try", path, path]
         args += ["--proc", "/proc", "--dev", "/dev"]
         if self.tmp_size_flag:
+            args += ["--size", str(self.limits.shm_bytes), "--tmpfs", "/dev/shm"]
             args += ["--size", str(self.limits.tmp_bytes)]
         args += ["--tmpfs", "/tmp", "--bind", str(workspace), "/work"]
-        # bwrap's root is a tmpfs with no size limit: read-only, so only /tmp and /work take writes.
-        args += ["--remount-ro", "/"]
+        # bwrap's root and /dev are tmpfs with no size limit: read-only (not recursively), so only
+        # /tmp, /dev/shm and /work take writes.
+        args += ["--remount-ro", "/dev", "--remount-ro", "/"]
         args += ["--unshare-all", "--die-with-parent", "--new-session", "--chdir", "/work"]
         args += ["--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", "/work"]
         args += ["--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8", "--"]
@@ -163,7 +185,8 @@ def cgroup_v2_available() -> bool:
     """Whether this process sits in a writable cgroup v2 with the memory and pids controllers.
 
     Only a pure v2 hierarchy counts: `/proc/self/cgroup` has the single line `0::/path`. A v1
-    memory controller (a `N:memory:/path` line) means memory is limited by RLIMIT_AS instead.
+    memory controller (a `N:memory:/path` line) has none. Detection only: the supervisor bounds
+    runs either way (see the module docstring).
     """
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()

@@ -59,7 +59,7 @@ class Workspaces:
     when the server is killed, by the next one to start: see `reap_dead_roots`)."""
 
     def __init__(
-        self, root: Path | None = None, uid_base: int = 200_000, max_seed_bytes: int = 4 << 30
+        self, root: Path | None = None, uid_base: int | None = None, max_seed_bytes: int = 4 << 30
     ) -> None:
         self._owned = root is None
         self._owner_fd: int | None = None
@@ -76,7 +76,7 @@ class Workspaces:
             self.root.chmod(0o711)
             _check_traversable(self.root)
         self.max_seed_bytes = max_seed_bytes
-        self._uid_next = uid_base
+        self._uid_next = _uid_base() if uid_base is None else uid_base
         self._open: dict[str, Workspace] = {}
 
     def get(self, session_id: str) -> Workspace | None:
@@ -256,6 +256,13 @@ def _merge(staging: Path, dest: Path) -> None:
             else:
                 target.unlink()
         os.rename(entry.path, target)
+
+
+def _uid_base() -> int:
+    """The first session uid of this server: a range of its own (100,000 uids, chosen by its
+    pid), so that two servers on one machine never share a uid, an RLIMIT_NPROC count, or a
+    `kill_uid` at a session's end."""
+    return 200_000 + (os.getpid() % 40_000) * 100_000
 
 
 def _chown_tree(top: Path, uid: int) -> None:
