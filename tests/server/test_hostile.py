@@ -201,6 +201,38 @@ def test_sigterm_ends_streams_with_an_error_and_done() -> None:
             proc.kill()
 
 
+def test_sigterm_answers_a_running_tool_call_with_a_json_503() -> None:
+    """The run is killed when uvicorn's grace ends; its client gets the server's JSON error, not
+    a plain-text 500."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port), "--threads", "1"]
+    cmd += ["--unsafe-tools"]  # the tools API on any host: the answer is the server's
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    answer: list[httpx.Response] = []
+    try:
+        healthy(proc, base)
+        body = {"command": "sleep 30", "timeout_s": 60}
+        url = f"{base}/v1/sessions/stopped/tools"
+        call = threading.Thread(
+            target=lambda: answer.append(httpx.post(url, json=body, timeout=60))
+        )
+        call.start()
+        deadline = time.monotonic() + 30
+        while 'mars_events_total{event="tool_start"} 1' not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < deadline, "the tool did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        call.join(timeout=60)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (r,) = answer
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    assert r.json()["error"]["code"] == "shutdown"
+
+
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="the tools API needs bubblewrap")
 @pytest.mark.parametrize(
     ("path", "body", "says"),

@@ -33,6 +33,7 @@ from mars.server.eventstream import EventStream
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest
 from mars.server.responses import Activity
 from mars.server.sessions import chat_opening
+from mars.server.tenants import Keys
 
 log = logging.getLogger("mars.gateway")
 
@@ -99,7 +100,7 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
             events.close()
 
     app = FastAPI(title="mars gateway", lifespan=lifespan)
-    app.add_middleware(_Guard, api_key=config.api_key)
+    app.add_middleware(_Guard, keys=Keys({config.api_key: False}) if config.api_key else None)
 
     install_error_handlers(app)
 

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from mars.core.errors import UsageError
 from mars.sched.registry import make_policy
 from mars.sched.settings_args import policy_settings
+from mars.server.tenants import load_keys
 from mars.sim.costmodel_cli import positive_float
 
 ENGINES = ("llamacpp", "vllm", "openai")
@@ -75,6 +76,19 @@ def check_upstreams(engine: str, urls: list[str]) -> tuple[str, ...]:
     return tuple(u.rstrip("/") for u in urls)
 
 
+def _one_key(args: argparse.Namespace) -> str | None:
+    """The gateway's one API key (--api-key, else MARS_API_KEY): it has no tenants."""
+    keys = args.api_key or [k for k in (os.environ.get("MARS_API_KEY"),) if k]
+    if len(keys) > 1 or args.admin_key or args.api_keys_file:
+        raise UsageError(
+            "the gateway (--engine vllm|openai) takes one --api-key: tenants (several keys, "
+            "--admin-key, --api-keys-file) need the embedded engine (--engine llamacpp)"
+        )
+    if keys:
+        load_keys(keys)  # the same checks as the embedded server's: not empty, ASCII
+    return keys[0] if keys else None
+
+
 def run_gateway_cli(args: argparse.Namespace) -> int:
     urls = check_upstreams(args.engine, args.upstream)
     if args.record_trace:
@@ -91,7 +105,7 @@ def run_gateway_cli(args: argparse.Namespace) -> int:
         events = EventStream(args.events)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
+    api_key = _one_key(args)
     config = GatewayConfig(
         upstreams=urls,
         flavor="vllm" if args.engine == "vllm" else "openai",

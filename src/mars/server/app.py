@@ -9,7 +9,6 @@ disconnect listener, plain requests through `_unless_gone`; either way the engin
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from mars.engine.live import LiveEngine
 from mars.server import toolcalls
 from mars.server.disconnect import unless_gone
 from mars.server.eventstream import EventStream
+from mars.server.owners import Owners, tenant_of
 from mars.server.protocol import (
     APIError,
     ChatRequest,
@@ -48,6 +48,7 @@ from mars.server.responses import (
     sse,
 )
 from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
+from mars.server.tenants import SCOPE_KEY, Keys, Tenant
 from mars.server.tools_api import tools_router
 from mars.tools.runtime import ToolRuntime
 
@@ -80,7 +81,7 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
 
 @dataclass
 class ServerConfig:
-    api_key: str | None = None
+    keys: Keys | None = None  # --api-key, --api-keys-file: one tenant per key (None: no keys)
     idle_timeout_s: float = 900.0
     keepalive_s: float = 10.0  # SSE comment interval while a stream has nothing to send
     events: EventStream | None = None  # the event stream (a JSONL file with --events)
@@ -93,24 +94,26 @@ class ServerConfig:
 
 
 class _Guard:
-    """Pure ASGI middleware (it must not buffer streams): API key, then the body size limit."""
+    """Pure ASGI middleware (it must not buffer streams): the API key, resolved to its tenant
+    (put in the scope under `SCOPE_KEY` for the routes), then the body size limit."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
+    def __init__(self, app: ASGIApp, keys: Keys | None) -> None:
+        self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        got = headers.get(b"authorization", b"")
-        checked = self.expected is not None and scope["path"] != "/health"
-        if checked and not hmac.compare_digest(got, self.expected or b""):
-            reply = error_response(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-            return await reply(scope, receive, send)
+        if self.keys is not None and scope["path"] != "/health":
+            tenant = self.keys.resolve(headers.get(b"authorization", b""))
+            if tenant is None:
+                reply = error_response(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                return await reply(scope, receive, send)
+            scope[SCOPE_KEY] = tenant
         size = headers.get(b"content-length", b"")
         if size.isdigit() and int(size) > MAX_BODY_BYTES:
             return await error_response(413, _too_large(int(size)))(scope, receive, send)
@@ -151,13 +154,15 @@ class _AccessLog:
         try:
             await self.app(scope, receive, watched)
         finally:
+            tenant: Tenant | None = scope.get(SCOPE_KEY)  # set by the guard, inside this one
             access_log.info(
-                "%s %s %s session=%s %.2fs",
+                "%s %s %s session=%s %.2fs%s",
                 scope["method"],
                 scope["path"],
                 status or "-",
                 session,
                 time.monotonic() - t0,
+                f" tenant={tenant.name}" if tenant is not None else "",
             )
 
 
@@ -168,6 +173,7 @@ def _too_large(size: int) -> str:
 def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> FastAPI:
     state: dict[str, Any] = {}
     activity = Activity()
+    owners = Owners()
     events = config.events or EventStream()
 
     @asynccontextmanager
@@ -191,9 +197,9 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
                 config.recorder.close()
 
     app = FastAPI(title="mars", lifespan=lifespan)
-    app.add_middleware(_Guard, api_key=config.api_key)
+    app.add_middleware(_Guard, keys=config.keys)
     app.add_middleware(_AccessLog)  # outermost: refusals by the guard are logged too
-    app.include_router(tools_router(lambda: config.tools, activity))
+    app.include_router(tools_router(lambda: config.tools, activity, owners))
 
     def end(session_id: str) -> None:
         """End a session: its KV in the engine, its workspace and tools (a session that only
@@ -201,6 +207,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         state["engine"].end_session(session_id)
         if config.tools is not None:
             _background(config.tools.end_session(session_id))
+        owners.end(session_id)
 
     def engine() -> LiveEngine:
         eng: LiveEngine = state["engine"]
@@ -259,14 +266,26 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/events")
-    async def event_stream(session_id: str | None = None) -> StreamingResponse:
-        """Server-sent events: every event from now on (one session's with ?session_id=)."""
+    async def event_stream(request: Request, session_id: str | None = None) -> StreamingResponse:
+        """Server-sent events: every event from now on (one session's with ?session_id=); a
+        tenant's only those of its own sessions, and those that carry none (system gauges)."""
         engine()
-        return events.sse(session_id, config.keepalive_s)
+        tenant = tenant_of(request)
+        if session_id is not None:
+            owners.check(tenant, session_id)
+        if tenant is None or tenant.admin:
+            return events.sse(session_id, config.keepalive_s)
+        seen = tenant  # narrowed for the closure
+
+        def visible(sid: str) -> bool:
+            return not sid or owners.sees(seen, sid)
+
+        return events.sse(session_id, config.keepalive_s, visible)
 
     @app.delete("/v1/sessions/{session_id}")
-    async def end_session(session_id: str) -> dict[str, Any]:
+    async def end_session(session_id: str, request: Request) -> dict[str, Any]:
         engine()
+        owners.check(tenant_of(request), session_id)
         end(session_id)
         activity.forget(session_id)
         return {"id": session_id, "object": "session", "deleted": True}
@@ -284,8 +303,10 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         grammar = grammar or toolcalls.output_grammar(
             extra.get("response_format"), extra.get("guided_json")
         )
-        sid = session_of(body, request.headers, chat_opening(body.messages))
+        tenant = tenant_of(request)
+        sid = session_of(body, request.headers, chat_opening(body.messages), _salt(tenant))
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
+        owners.claim(tenant, sid)  # once the call is valid: a refused one owns nothing
         call.activity = activity
         if body.stream:
             chunks = await accepted(eng, call)
@@ -312,8 +333,10 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
                 )
         if not tokens:
             raise APIError(400, "the prompt is empty", param="prompt")
-        sid = session_of(body, request.headers, tokens[:64])
+        tenant = tenant_of(request)
+        sid = session_of(body, request.headers, tokens[:64], _salt(tenant))
         call = _call(eng, body, request, sid, tokens, None, None, {})
+        owners.claim(tenant, sid)
         call.activity = activity
         if body.stream:
             chunks = await accepted(eng, call)
@@ -354,6 +377,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def crashed(_: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def _salt(tenant: Tenant | None) -> str | None:
+    """What salts a fingerprint session id: the tenant, so that two tenants' conversations
+    that open alike are two sessions."""
+    return tenant.name if tenant is not None else None
 
 
 def _check_model(eng: LiveEngine, name: str | None, served: tuple[str, ...]) -> None:

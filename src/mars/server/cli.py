@@ -16,6 +16,7 @@ from mars.core.errors import UsageError
 from mars.gateway.cli import add_gateway_args, run_gateway_cli
 from mars.sched.registry import make_policy
 from mars.sched.settings_args import add_policy_settings, policy_settings
+from mars.server.tenants import KEYS_FILE_FORMAT, Keys, load_keys
 from mars.server.tools_cli import add_tool_args, start_tools, tool_config, tool_options_given
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
 from mars.tools.cpus import parse_cpu_list
@@ -39,7 +40,34 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
     add_policy_settings(p)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set MARS_API_KEY)")
+    keys = p.add_argument_group(
+        "API keys and tenants",
+        "Without a key the server is single-tenant (any client may act in any session): listen "
+        "on 127.0.0.1 only. With keys, each key is a tenant: every route but /health needs "
+        "'Authorization: Bearer KEY', a session belongs to the key that first named it, and "
+        "other keys get 404 on it and do not see it in /v1/events. An admin key sees and may "
+        "act on every session.",
+    )
+    keys.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this key, a tenant of its own (repeatable; or set MARS_API_KEY to one key)",
+    )
+    keys.add_argument(
+        "--admin-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this key as an admin: it sees and may act on every session (repeatable)",
+    )
+    keys.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="FILE",
+        help=f"read keys from FILE: {KEYS_FILE_FORMAT}",
+    )
     p.add_argument("--model", help="GGUF model file (default: SmolLM2-135M-Instruct, bundled)")
     p.add_argument(
         "--served-model-name",
@@ -124,6 +152,7 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     if args.engine != "llamacpp" or args.upstream:
         return run_gateway_cli(args)
+    keys = server_keys(args)  # before the model loads: a bad keys file is one clear error, now
     settings = dict(policy_settings(args))
     # Before --engine-cpus narrows this process's CPUs: --tool-cpus is checked against all.
     tools_config = tool_config(args)  # None: the tools API is off
@@ -176,13 +205,12 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except (ValueError, RuntimeError, OSError) as e:
         raise UsageError(f"{e} (check --model and --kv-tokens)") from None
-    api_key = args.api_key or os.environ.get("MARS_API_KEY") or None
     tools = None
     if not args.no_tools:
         required = tool_options_given(args)
         tools = start_tools(tools_config, engine.clock, engine.tool_event, required=required)
     server = ServerConfig(
-        api_key,
+        keys,
         args.session_idle_timeout,
         args.sse_keepalive,
         events,
@@ -197,7 +225,7 @@ def run_serve(args: argparse.Namespace) -> int:
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if keys is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"mars serve: WARNING: listening on {args.host} without --api-key: anyone who "
             "reaches this address can run tools in, and read, every session's workspace. "
@@ -207,7 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     print(
         f"mars serve: {path.name} on http://{args.host}:{args.port} (policy {args.policy}, "
-        f"{args.kv_tokens} KV tokens{', API key required' if api_key else ''})",
+        f"{args.kv_tokens} KV tokens{_describe(keys)})",
         flush=True,
     )
     # In-flight streams get 4 s to finish on Ctrl-C / SIGTERM, then end with a "shutdown" error
@@ -228,3 +256,19 @@ def run_serve(args: argparse.Namespace) -> int:
     uv.handle_exit = handle_exit  # type: ignore[method-assign]
     uv.run()
     return 0
+
+
+def server_keys(args: argparse.Namespace) -> Keys | None:
+    """The keys of --api-key (else MARS_API_KEY), --admin-key and --api-keys-file."""
+    env = os.environ.get("MARS_API_KEY")
+    given = args.api_key or ([env] if env else [])
+    return load_keys(given, args.admin_key, args.api_keys_file)
+
+
+def _describe(keys: Keys | None) -> str:
+    if keys is None:
+        return ""
+    if len(keys) == 1:
+        return ", API key required"
+    admins = f", {keys.admins} admin" if keys.admins else ""
+    return f", {len(keys)} API keys: one tenant each{admins}"

@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -28,10 +28,17 @@ SUBSCRIBER_BUFFER = 10_000  # events a subscriber may fall behind before it lose
 
 
 class Subscriber:
-    """One `/v1/events` client: a bounded queue on the client's event loop."""
+    """One `/v1/events` client: a bounded queue on the client's event loop. `visible` (called
+    on that loop, with each event's session id, "" for system-wide ones) hides other tenants'
+    sessions: before the queue, so they cost this client no buffer and no drop count."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, session_id: str | None) -> None:
-        self.loop, self.session_id = loop, session_id
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        session_id: str | None,
+        visible: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.loop, self.session_id, self.visible = loop, session_id, visible
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.dropped = 0
 
@@ -42,6 +49,8 @@ class Subscriber:
             self.loop.call_soon_threadsafe(self._put, record)
 
     def _put(self, record: dict[str, Any]) -> None:
+        if self.visible is not None and not self.visible(record["session_id"]):
+            return
         if self.queue.qsize() >= SUBSCRIBER_BUFFER:
             self.queue.get_nowait()
             self.dropped += 1
@@ -80,8 +89,10 @@ class EventStream:
         for sub in subscribers:
             sub.offer(record)
 
-    def subscribe(self, session_id: str | None = None) -> Subscriber:
-        sub = Subscriber(asyncio.get_running_loop(), session_id)
+    def subscribe(
+        self, session_id: str | None = None, visible: Callable[[str], bool] | None = None
+    ) -> Subscriber:
+        sub = Subscriber(asyncio.get_running_loop(), session_id, visible)
         with self._lock:
             self._subscribers.add(sub)
         return sub
@@ -100,10 +111,16 @@ class EventStream:
             lines.append(f'mars_events_total{{event="{kind}"}} {n}')
         return lines
 
-    def sse(self, session_id: str | None, keepalive_s: float) -> StreamingResponse:
-        """`/v1/events`: every event from now on (one session's with a session id) as
-        server-sent events, with keep-alive comments while nothing happens."""
-        sub = self.subscribe(session_id)
+    def sse(
+        self,
+        session_id: str | None,
+        keepalive_s: float,
+        visible: Callable[[str], bool] | None = None,
+    ) -> StreamingResponse:
+        """`/v1/events`: every event from now on (one session's with a session id; only those
+        `visible` passes) as server-sent events, with keep-alive comments while nothing
+        happens."""
+        sub = self.subscribe(session_id, visible)
 
         async def body() -> AsyncIterator[bytes]:
             try:

@@ -12,7 +12,8 @@ otherwise fold them into one session. The same value sent twice counts once.
 Without any, a fingerprint of the conversation's opening (system prompt and first user message)
 and of `user` stands in (`user` names a person, not a conversation: alone it would merge every
 conversation of that person): it is the same on every turn of an agent's conversation, so
-agents that send nothing still get session-level scheduling.
+agents that send nothing still get session-level scheduling. With API keys it is salted by the
+tenant too, so two tenants never share a fingerprint session.
 
 A session ends on its last step: body `is_last_step` (or in `vllm_xargs`), header
 `x-mars-is-last-step` or `X-Dynamo-Session-Final`, or `nvext.session_control.action: "close"`.
@@ -36,7 +37,11 @@ _HEADERS = (
 )
 
 
-def session_of(body: _Body, headers: Mapping[str, str], opening: Any) -> str:
+def session_of(
+    body: _Body, headers: Mapping[str, str], opening: Any, salt: str | None = None
+) -> str:
+    """The request's session id; `salt` (the tenant, `mars.server.tenants`) goes into a
+    fingerprint, never into an id the client named."""
     xargs = body.vllm_xargs or {}
     control = _control(body)
     found: list[str] = []
@@ -53,7 +58,8 @@ def session_of(body: _Body, headers: Mapping[str, str], opening: Any) -> str:
             found.append(str(candidate))
     if found:
         return "~".join(found)  # URL-safe: the id goes into the tools API's paths
-    digest = hashlib.sha256(json.dumps([opening, body.user], sort_keys=True, default=str).encode())
+    salted = [opening, body.user] if salt is None else [opening, body.user, salt]
+    digest = hashlib.sha256(json.dumps(salted, sort_keys=True, default=str).encode())
     return "fp-" + digest.hexdigest()[:16]
 
 
