@@ -27,8 +27,28 @@ from mars.sim.costmodel_cli import (
 )
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that states every option's default (unless its text already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default in (None, False, argparse.SUPPRESS, [])
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line (no usage dump), exit status 2."""
+    """argparse that reports bad input as one line (no usage dump), exit status 2, and shows
+    each option's default in `--help`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _ShowDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"mars: error: {message} (see `{self.prog} --help`)\n")
@@ -81,10 +101,14 @@ def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "--sessions", type=positive_int, help="seeded sample of N sessions (default all)"
     )
     if single_run:
-        p.add_argument("--seed", type=non_negative_int, default=0)
+        p.add_argument("--seed", type=non_negative_int, default=0, help="workload and arrival seed")
     p.add_argument("--tool-stats", help="tool-duration quantile table replacing the built-in one")
-    p.add_argument("--token-scale", type=positive_float, default=1.0)
-    p.add_argument("--time-scale", type=positive_float, default=1.0)
+    p.add_argument(
+        "--token-scale", type=positive_float, default=1.0, help="multiply every token count"
+    )
+    p.add_argument(
+        "--time-scale", type=positive_float, default=1.0, help="multiply every tool duration"
+    )
     p.add_argument("--kv-scale", type=positive_float, default=1.0, help="multiply KV capacity")
     p.add_argument(
         "--shared-prefix-tokens",

@@ -36,8 +36,10 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
             "without seed samples with a fresh random one."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (another needs --api-key)"
+    )
+    p.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
     p.add_argument("--policy", default="fcfs", help="scheduling policy (see `mars policies`)")
     add_policy_settings(p)
     keys = p.add_argument_group(
