@@ -629,12 +629,7 @@ class KVManager:
                 self.listener.truncated(chain.session_id, seg.end)
         else:
             self._detach(chain)
-        old = chain.parent
-        if old is not None:
-            state = self._state(chain)
-            old.sessions.discard(chain.session_id)
-            chain.parent = None
-            self._adjust(old, -state[0], -state[1])
+        old = self._unlink(chain)
         chain.held, chain.pinned = True, False
         chain.parent, chain.base = seg, seg.end
         seg.sessions.add(chain.session_id)
@@ -671,15 +666,20 @@ class KVManager:
         self._drop_own(chain)
         if self.listener is not None and had:
             self.listener.truncated(chain.session_id, 0)
+        self._prune(self._unlink(chain))
+        chain.base = chain.num_tokens = 0
+        self._version += 1
+
+    def _unlink(self, chain: KVBlocks) -> Segment | None:
+        """Take the chain from below its parent segment (which it no longer counts in); the
+        parent, or None."""
         parent = chain.parent
         if parent is not None:
             state = self._state(chain)
             parent.sessions.discard(chain.session_id)
             chain.parent = None
             self._adjust(parent, -state[0], -state[1])
-            self._prune(parent)
-        chain.base = chain.num_tokens = 0
-        self._version += 1
+        return parent
 
     def _prune(self, seg: Segment | None) -> None:
         """Drop segments no session's sequence holds any more (nothing refers to their cells)."""
