@@ -4,6 +4,7 @@ exactness, sampling extensions, stop strings and aborts."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -102,8 +103,11 @@ def test_warm_resume_prefills_only_new_tokens_and_kv_mirrors_cells(model: Model)
         p2 = p1 + tokens(first) + text_prompt(model, 20, seed=1)
         second = run(engine, "a", p2, GREEDY)
         assert second[-1].cached_tokens == len(p1) + 8 - 1
-        other = run(engine, "b", p2, GREEDY)  # same tokens, another session: no reuse
-        assert other[-1].cached_tokens == 0
+        used = engine.kv.used_blocks
+        other = run(engine, "b", p2, GREEDY)  # same tokens, another session: a's cells, shared
+        assert other[-1].cached_tokens == len(p2) - 1
+        assert tokens(other) == tokens(second), "shared KV serves what computing it gives"
+        assert engine.kv.used_blocks == used + 1 + 8 - 1, "only b's own tokens took new cells"
     finally:
         engine.shutdown()
 
@@ -250,5 +254,23 @@ def test_one_call_is_capped_at_the_trained_context(model: Model) -> None:
 
         with pytest.raises(ValueError, match="8192"):
             asyncio.run(too_long())
+    finally:
+        engine.shutdown()
+
+
+def test_a_call_that_cannot_be_scheduled_ends_with_an_error_not_a_hang(model: Model) -> None:
+    # Fault injection: the scheduler plans nothing while a call waits (as when what others hold
+    # never lets it fit). The watchdog ends it with a reason after stall_timeout_s.
+    cfg = ExecutorConfig(kv_tokens=1024, max_sequences=4, batch_tokens=256, threads=2)
+    engine = LiveEngine(model, cfg, stall_timeout_s=1.0)
+    engine.core.step = lambda stops: None  # type: ignore[method-assign]
+    engine.start()
+    try:
+        start = time.monotonic()
+        chunks = run(engine, "stuck", text_prompt(model, 50), GREEDY)
+        assert chunks[-1].finish_reason == "stalled"
+        assert chunks[-1].error is not None and "--kv-tokens" in chunks[-1].error
+        assert 1.0 <= time.monotonic() - start < 10
+        assert not engine.scheduler.has_work
     finally:
         engine.shutdown()

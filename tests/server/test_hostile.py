@@ -85,7 +85,8 @@ HOSTILE: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "lone surrogate in a session id": ({"session_id": "\udc00x"}, "surrogate"),
     "logit_bias out of the vocabulary": ({"logit_bias": {"99999999": 5}}, "logit_bias"),
-    "logprobs asked for": ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    "top_logprobs past 20": ({"logprobs": True, "top_logprobs": 21}, "[0, 20]"),
+    "top_logprobs without logprobs": ({"top_logprobs": 2}, "needs logprobs: true"),
     "a response_format mars cannot take": ({"response_format": {"type": "xml"}}, "json_object"),
 }
 

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mars.control.admission import AdmissionLimits, AdmissionQueue, Overloaded
@@ -28,6 +28,7 @@ from mars.core.events import (
 from mars.core.request import Request, RequestStatus
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
 from mars.engine.llamacpp import ExecutorConfig, LlamaCppExecutor, StepFailed
+from mars.engine.logprobs import TokenLogprob
 from mars.engine.loop import EngineCore
 from mars.engine.model import Detokenizer, Model
 from mars.engine.sampling import SamplingParams
@@ -47,13 +48,23 @@ class Chunk:
     text: str
     token_ids: list[int]
     # "stop" | "length" | "abort" | "queue_full" | "queue_timeout" | "dead_end" (the output's
-    # grammar admits no token the model can produce)
+    # grammar admits no token the model can produce) | "stalled" (nothing could run for
+    # `stall_timeout_s`)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    error: str | None = None  # why, when finish_reason is "dead_end"
+    error: str | None = None  # why, when finish_reason is "dead_end" or "stalled"
+    # The log-probabilities (when the request asked) of the tokens whose text ends in this
+    # chunk, in order. Not aligned with `token_ids`, which go out as they are sampled: a token's
+    # text may be held back (the start of a stop string) and end in a later chunk. An
+    # end-of-generation token (no text) comes with the last chunk; a token wholly inside a stop
+    # string, or after it, is never reported.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
+
+# Seconds calls may wait while no step can run before they end with a "stalled" error.
+STALL_TIMEOUT_S = 60.0
 
 # The engine took the call (it runs, or its session waits for admission): a stream's first chunk,
 # so its status can go out before its headers.
@@ -73,6 +84,24 @@ class _Stream:
     text: str = ""  # text emitted so far (for stop strings)
     held: str = ""  # text held back because it may be the start of a stop string
     done: bool = False
+    # Log-probabilities not sent yet, each with where its token's text starts and ends in
+    # `text + held` (equal for a token with no text of its own, such as a byte of a character).
+    placed: list[tuple[int, int, TokenLogprob]] = field(default_factory=list)
+
+    def sent_logprobs(self, stopped: bool = False) -> tuple[TokenLogprob, ...]:
+        """Take the log-probabilities of the tokens whose text is sent (`text`): whole, or, at
+        a stop string (which ends the output there), in part. A token with no text of its own
+        goes once text after it does (the rest of its character)."""
+        sent = len(self.text)
+        n = 0
+        for start, end, _ in self.placed:
+            whole = end <= sent and (start < end or start < sent)
+            if not (start < sent if stopped else whole):
+                break
+            n += 1
+        out = tuple(lp for _, _, lp in self.placed[:n])
+        del self.placed[:n]
+        return out
 
 
 @dataclass
@@ -100,8 +129,12 @@ class LiveEngine:
         tool_workers: int | None = None,
         settings: Mapping[str, object] | None = None,
         timer: StepTimer | None = None,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
     ) -> None:
         self.model = model
+        # Calls waiting with no step run for this long end with a "stalled" error.
+        self.stall_timeout_s = stall_timeout_s
+        self._stalled_since: float | None = None
         self.clock = WallClock()
         self.bus = bus or EventBus()
         cfg = executor_config or ExecutorConfig()
@@ -398,7 +431,9 @@ class LiveEngine:
         if isinstance(event, ToolEnqueued | ToolStart | ToolEnd):
             self.bus.publish(event)
 
-    def _abort(self, rid: str) -> None:
+    def _abort(self, rid: str, stalled: str | None = None) -> None:
+        """End a request (client gone, session ended, batch failed); with `stalled`, its client
+        is told that reason instead."""
         self.scheduler.abort(rid)
         self._next_tool.pop(rid, None)
         stream = self._streams.pop(rid, None)
@@ -418,10 +453,11 @@ class LiveEngine:
                 Chunk(
                     "",
                     [],
-                    "abort",
+                    "abort" if stalled is None else "stalled",
                     r.num_prompt_tokens,
                     r.num_output_tokens,
                     max(0, r.num_cached_tokens),
+                    error=stalled,
                 ),
             )
 
@@ -482,14 +518,38 @@ class LiveEngine:
                 self._abort(req.request_id)
             return
         if outcome is None:
+            self._stalled()
             self._wake.wait(0.01)
             return
+        self._stalled_since = None
         if self.online_timer is not None:
             self.online_timer.observe(outcome.plan, outcome.execute_s)
         for req in outcome.finished:
             self._finish(req)
         if outcome.finished and len(self.admission):
             self.admission.poll()  # KV was freed: a queued session may fit now
+
+    def _stalled(self) -> None:
+        """Nothing could be scheduled although calls wait. The scheduler frees pins and slots
+        as it can; if still nothing runs after `stall_timeout_s`, end the waiting calls with an
+        error that says why, rather than leave their clients hanging."""
+        now = self.clock.now()
+        if self._stalled_since is None:
+            self._stalled_since = now
+            return
+        waited = now - self._stalled_since
+        if waited < self.stall_timeout_s:
+            return
+        self._stalled_since = None
+        kv = self.kv
+        for req in [*self.scheduler.waiting, *self.scheduler.running]:
+            why = (
+                f"the engine could not schedule this call for {waited:.0f} s: its "
+                f"{req.num_tokens} tokens of KV do not fit beside what other sessions hold "
+                f"({kv.num_free_blocks} of {kv.num_blocks} KV tokens free); retry, or start "
+                "mars serve with more --kv-tokens"
+            )
+            self._abort(req.request_id, why)
 
     def _stops(self, plan: StepPlan, result: StepResult) -> frozenset[str]:
         stopped: set[str] = set()
@@ -502,6 +562,7 @@ class LiveEngine:
 
     def _text(self, req: Request, tok: int) -> bool:
         """Turn a sampled token into text for its client; True if the output must stop here."""
+        lp = self.executor.logprobs.pop(req.request_id, None)
         stream = self._streams.get(req.request_id)
         if stream is None or stream.done:
             return False
@@ -509,21 +570,31 @@ class LiveEngine:
             return True
         p = stream.params
         masked = p.ignore_eos or req.num_output_tokens < p.min_tokens
+        start = len(stream.text) + len(stream.held)
         if self.executor.is_eog(tok) and not masked:
+            if lp is not None:
+                stream.placed.append((start, start, lp))  # sent with the last chunk
             return True  # the end-of-generation token is not text
         text = stream.held + stream.detok.push(tok)
+        if lp is not None:
+            stream.placed.append((start, len(stream.text) + len(text), lp))
         stop = _find_stop(stream.text + text, p.stop) if p.stop else None
         if stop is not None:
             cut = stop - len(stream.text)
             stream.held = ""
             if cut > 0:
                 stream.text += text[:cut]
-                self._send(stream, Chunk(text[:cut], [tok]))
+            lps = stream.sent_logprobs(stopped=True)
+            stream.placed.clear()  # the stop string's tokens, and any after it
+            if cut > 0 or lps:
+                self._send(
+                    stream, Chunk(text[: max(cut, 0)], [tok] if cut > 0 else [], logprobs=lps)
+                )
             return True
         keep = _stop_prefix_len(text, p.stop) if p.stop else 0
         emit, stream.held = text[: len(text) - keep], text[len(text) - keep :]
         stream.text += emit
-        self._send(stream, Chunk(emit, [tok]))
+        self._send(stream, Chunk(emit, [tok], logprobs=stream.sent_logprobs()))
         return False
 
     def _finish(self, req: Request) -> None:
@@ -539,9 +610,11 @@ class LiveEngine:
         if stream is None or stream.done:
             return
         stream.done = True
+        rest = tuple(lp for _, _, lp in stream.placed)  # all of their text goes now
         if stream.held:
             stream.text += stream.held
-            self._send(stream, Chunk(stream.held, []))
+            self._send(stream, Chunk(stream.held, [], logprobs=rest))
+            rest = ()
         reason = "stop" if req.status is RequestStatus.FINISHED_STOPPED else "length"
         reason = "dead_end" if dead_end is not None else reason
         self._send(
@@ -554,6 +627,7 @@ class LiveEngine:
                 req.num_output_tokens,
                 max(0, req.num_cached_tokens),
                 error=dead_end,
+                logprobs=rest,
             ),
         )
 

@@ -29,6 +29,7 @@ import llama_cpp as L
 import numpy as np
 
 from mars.core.request import Request
+from mars.engine.logprobs import TokenLogprob, token_logprob
 from mars.engine.model import Model
 from mars.engine.sampling import SamplingParams
 from mars.sched.plan import StepPlan, StepResult
@@ -178,6 +179,9 @@ class LlamaCppExecutor:
         # process; one that costs past GRAMMAR_BUDGET_S would hold every other session up.
         self.dead_ends: dict[str, str] = {}
         self._sample_s: dict[str, float] = {}  # request id -> seconds its samples took
+        # Request id -> its last sampled token's log-probabilities (requests that ask for them);
+        # the live engine takes each one with its token, in the same step.
+        self.logprobs: dict[str, TokenLogprob] = {}
         self.offload_bytes = 0
         self.restore_fallbacks = 0  # restores that computed a piece (no contiguous free cells)
         self.copy_s = 0.0  # seconds spent copying KV to and from host memory
@@ -207,6 +211,7 @@ class LlamaCppExecutor:
         self._params.pop(request_id, None)
         self.dead_ends.pop(request_id, None)
         self._sample_s.pop(request_id, None)
+        self.logprobs.pop(request_id, None)
         sampler = self._samplers.pop(request_id, None)
         if sampler is not None:
             sampler.close()
@@ -428,6 +433,8 @@ class LlamaCppExecutor:
             return self._eog[0]
         token = int(cand["id"][picked])
         L.llama_sampler_accept(chain, token)
+        if params.logprobs is not None:  # of the raw logits: `cand` holds the masked copy
+            self.logprobs[rid] = token_logprob(logits, token, params.logprobs)
         return token
 
     def is_eog(self, token: int) -> bool:

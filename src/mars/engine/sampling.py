@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Most alternatives a request may ask for per token (vLLM's default `max_logprobs`, OpenAI's
+# `top_logprobs` limit).
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +28,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     grammar: str | None = None  # GBNF that constrains the output (forced tool calls, JSON)
+    # None: no log-probabilities; k: each sampled token's, with the k most likely at its place.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -34,3 +40,5 @@ class SamplingParams:
             raise ValueError("0 <= min_p <= 1 and repetition_penalty > 0 are required")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} (or None)")

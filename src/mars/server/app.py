@@ -306,6 +306,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         tenant = tenant_of(request)
         sid = session_of(body, request.headers, chat_opening(body.messages), _salt(tenant))
         call = _call(eng, body, request, sid, prompt, body.max_completion_tokens, grammar, fns)
+        call.forced = mode not in ("none", "auto")
+        call.parallel = body.parallel_tool_calls is not False
         owners.claim(tenant, sid)  # once the call is valid: a refused one owns nothing
         call.activity = activity
         if body.stream:

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mars.engine.sampling import SamplingParams
+from mars.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
@@ -42,7 +42,7 @@ class Checked(BaseModel):
 
 # Fields of OpenAI's and vLLM's APIs that mars does not implement: a request that asks for one is
 # refused with a 400 that names it, rather than answered as if it had not asked.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "structured_outputs")
+UNSUPPORTED = ("echo", "best_of", "suffix", "structured_outputs")
 
 
 class _Body(Checked):
@@ -90,10 +90,16 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool | None = None  # each output token's log-probability
+    top_logprobs: int | None = None  # ... with this many most likely tokens at its place
+    parallel_tool_calls: bool | None = None  # False: at most one call a reply
 
 
 class CompletionRequest(_Body):
     prompt: str | list[int] | list[str]
+    # Each output token's log-probability, with this many most likely tokens at its place
+    # (false: none; true: the token's own only).
+    logprobs: bool | int | None = None
 
 
 class APIError(Exception):
@@ -226,4 +232,30 @@ def sampling_params(
         min_tokens=min_tokens,
         ignore_eos=ignore_eos,
         grammar=grammar,
+        logprobs=_logprobs(body),
     )
+
+
+def _logprobs(body: _Body) -> int | None:
+    """How many alternatives per token the request asks for (None: no log-probabilities),
+    or a 400. Chat: `logprobs` (true/false) and `top_logprobs`; completions: `logprobs` (a
+    number). As vLLM, `top_logprobs: 0` without `logprobs` is no request at all."""
+    if isinstance(body, ChatRequest):
+        field, k = "top_logprobs", body.top_logprobs
+        if k and not body.logprobs:
+            raise APIError(
+                400, f"top_logprobs ({k}) needs logprobs: true; set it", param="top_logprobs"
+            )
+        if not body.logprobs:
+            return None
+        k = k or 0
+    elif isinstance(body, CompletionRequest):
+        field, k = "logprobs", body.logprobs
+        if k is None or k is False:
+            return None
+        k = 0 if k is True else int(k)
+    else:
+        return None
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"{field} must be in [0, {MAX_LOGPROBS}], got {k}", param=field)
+    return k

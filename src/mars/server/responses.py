@@ -16,9 +16,11 @@ from fastapi.responses import StreamingResponse
 
 from mars.control.admission import Overloaded
 from mars.engine.live import Chunk, LiveEngine
+from mars.engine.logprobs import TokenLogprob
 from mars.engine.sampling import SamplingParams
 from mars.server import toolcalls
 from mars.server.eventstream import Stopping, keepalive
+from mars.server.logprobs import StreamLogprobs, whole
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("mars.server")
@@ -63,6 +65,8 @@ class Call:
     last_tool: str | None  # the tool the agent ran since its previous call (a marker)
     this_tool: str | None  # the tool this call's answer leads to (a marker)
     fns: dict[str, Any]  # functions a reply may call (empty: plain text)
+    forced: bool = False  # a grammar makes the reply exactly one call of `fns`
+    parallel: bool = True  # several calls in one reply (`parallel_tool_calls`)
     activity: Activity | None = None  # told when the request starts and ends
 
 
@@ -81,6 +85,13 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncGenerator[Chunk, None]:
                     "failed); retry",
                     code="aborted",
                     headers={"Retry-After": "1"},
+                )
+            if chunk.finish_reason == "stalled":
+                raise APIError(
+                    503,
+                    chunk.error or "the engine could not schedule the call",
+                    code="stalled",
+                    headers={"Retry-After": "5"},
                 )
             if chunk.finish_reason == "dead_end":
                 raise APIError(400, chunk.error or "sampling cannot go on", code="grammar_failed")
@@ -118,14 +129,20 @@ def _finish_reason(last: Chunk, calls: list[dict[str, Any]] | None) -> str:
     return "length" if last.finish_reason == "length" else "stop"
 
 
-async def _collect(eng: LiveEngine, call: Call) -> tuple[str, list[int], Chunk]:
+async def _collect(eng: LiveEngine, call: Call) -> tuple[str, list[int], list[TokenLogprob], Chunk]:
     text, ids, last = "", [], None
+    lps: list[TokenLogprob] = []
     async for chunk in _generate(eng, call):
         text += chunk.text
         ids += chunk.token_ids
+        lps += chunk.logprobs
         last = chunk
     assert last is not None and last.finish_reason is not None
-    return text, ids, last
+    return text, ids, lps, last
+
+
+def _asked(call: Call) -> bool:
+    return call.params.logprobs is not None
 
 
 def _ids(body: ChatRequest | CompletionRequest, ids: list[int]) -> dict[str, Any]:
@@ -143,14 +160,17 @@ def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
 
 
 async def chat_full(eng: LiveEngine, body: ChatRequest, call: Call) -> dict[str, Any]:
-    text, ids, last = await _collect(eng, call)
+    text, ids, lps, last = await _collect(eng, call)
     # A forced call cut short by max_tokens is returned as text with finish_reason "length",
     # as OpenAI does with truncated arguments.
     content, calls = toolcalls.parse(text, call.fns) if call.fns else (text, None)
+    if calls and not call.parallel:
+        calls = calls[:1]
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "logprobs": None, **_ids(body, ids)}
+    logprobs = whole(eng.model, _asked(call), True, lps)  # a tool call's tokens too
+    choice = {"index": 0, "message": message, "logprobs": logprobs, **_ids(body, ids)}
     return {
         **_head("chat.completion", eng),
         "session_id": call.session_id,
@@ -160,8 +180,9 @@ async def chat_full(eng: LiveEngine, body: ChatRequest, call: Call) -> dict[str,
 
 
 async def completion_full(eng: LiveEngine, body: CompletionRequest, call: Call) -> dict[str, Any]:
-    text, ids, last = await _collect(eng, call)
-    choice = {"index": 0, "text": text, "logprobs": None, **_ids(body, ids)}
+    text, ids, lps, last = await _collect(eng, call)
+    logprobs = whole(eng.model, _asked(call), False, lps)
+    choice = {"index": 0, "text": text, "logprobs": logprobs, **_ids(body, ids)}
     return {
         **_head("text_completion", eng),
         "session_id": call.session_id,
@@ -188,24 +209,31 @@ async def chat_stream(
     head = _head("chat.completion.chunk", eng)
     first = {"role": "assistant", "content": ""}
     yield {**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]}
-    buffered = bool(call.fns)  # a call must be whole before it can be parsed: send it at the end
-    text, last = "", None
+    parser = toolcalls.CallStream(call.fns, call.forced, call.parallel) if call.fns else None
+    # Each event carries the logprobs of the tokens whose text it sends, or, held with a tool
+    # call's text, of those before it.
+    lps = StreamLogprobs(eng.model, _asked(call), chat=True)
+    last = None
     try:
         async for chunk in chunks:
             last = chunk
-            text += chunk.text
-            if chunk.text and not buffered:
-                delta = {"content": chunk.text}
-                yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            lps.add(chunk.logprobs)
+            if not chunk.text and (parser or not lps.pending):
+                continue
+            for delta in parser.feed(chunk.text) if parser else [{"content": chunk.text}]:
+                choice = {"index": 0, "delta": delta, **lps.take(), "finish_reason": None}
+                yield {**head, "choices": [choice]}
     finally:
         await chunks.aclose()  # a client that left: abort the request
     assert last is not None
-    content, calls = toolcalls.parse(text, call.fns) if buffered else (None, None)
-    end: dict[str, Any] = {"content": content} if content else {}
-    if calls:
-        end["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-    reason = _finish_reason(last, calls)
-    yield {**head, "choices": [{"index": 0, "delta": end, "finish_reason": reason}]}
+    for delta in parser.finish() if parser else []:
+        yield {
+            **head,
+            "choices": [{"index": 0, "delta": delta, **lps.take(), "finish_reason": None}],
+        }
+    reason = _finish_reason(last, parser.calls if parser else None)
+    end = {"index": 0, "delta": {}, **(lps.take() if lps.pending else {}), "finish_reason": reason}
+    yield {**head, "choices": [end]}
     if body.include_usage:
         yield {**head, "choices": [], "usage": _usage(last)}
 
@@ -214,12 +242,14 @@ async def completion_stream(
     eng: LiveEngine, body: CompletionRequest, call: Call, chunks: AsyncGenerator[Chunk, None]
 ) -> AsyncGenerator[dict[str, Any], None]:
     head = _head("text_completion", eng)
+    lps = StreamLogprobs(eng.model, _asked(call), chat=False)
     last = None
     try:
         async for chunk in chunks:
             last = chunk
-            if chunk.text or (body.return_token_ids and chunk.token_ids):
-                choice = {"index": 0, "text": chunk.text, "finish_reason": None}
+            lps.add(chunk.logprobs)
+            if chunk.text or lps.pending or (body.return_token_ids and chunk.token_ids):
+                choice = {"index": 0, "text": chunk.text, **lps.take(), "finish_reason": None}
                 yield {**head, "choices": [{**choice, **_ids(body, chunk.token_ids)}]}
     finally:
         await chunks.aclose()

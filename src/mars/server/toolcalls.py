@@ -292,6 +292,130 @@ def parse(text: str, fns: dict[str, Any]) -> tuple[str | None, list[dict[str, An
     return text, None
 
 
+# Where a reply may begin a call in "auto" mode: a JSON object, a code fence, a <tool_call> tag.
+_OPENERS = ("{", "```", "<tool_call>")
+# The head of a forced call, as its grammar writes it: the name, then the arguments object.
+_FORCED_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+class CallStream:
+    """A reply streamed as OpenAI streams one: content deltas as the text comes, and tool-call
+    deltas (the call's index, id, type and name first, then pieces of its arguments).
+
+    A forced call (`tool_choice` "required" or a name: its grammar makes the reply exactly
+    `{"name": ..., "arguments": {...}}`) streams its arguments as they are generated. In "auto"
+    mode prose streams until something that may open a call (`{`, a code fence, `<tool_call>`);
+    from there the text is held and parsed once the reply is complete, as `parse` does.
+    """
+
+    def __init__(self, fns: dict[str, Any], forced: bool, parallel: bool = True) -> None:
+        self.fns, self.forced, self.parallel = fns, forced, parallel
+        self.text = ""
+        self._sent = 0  # characters of `text` sent as content (auto) or arguments (forced)
+        self._held: int | None = None  # auto: where a possible call begins
+        self._args: int | None = None  # forced: where the arguments begin
+        self._pos = 0  # forced: how far the arguments were scanned
+        self._depth, self._in_string, self._escaped, self._closed = 0, False, False, False
+        self._id = "call_" + uuid.uuid4().hex[:24]
+        self.calls: list[dict[str, Any]] | None = None  # the calls, once finished
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The deltas `piece` (more of the reply) lets out now."""
+        self.text += piece
+        return self._forced_deltas() if self.forced else self._auto_deltas()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The deltas left once the reply is complete; `calls` is then set (None: no call)."""
+        if self.forced and self._args is not None:
+            name = _FORCED_HEAD.match(self.text)
+            assert name is not None
+            end = self._scan()  # all of it was sent: feed() sends up to the scan's end
+            self.calls = [
+                _call(self._id, json.loads(f'"{name.group(1)}"'), self.text[self._args : end])
+            ]
+            return []
+        start = self._sent if self._held is None else self._held
+        content, calls = parse(self.text[start:], self.fns)
+        if calls and not self.parallel:
+            calls = calls[:1]
+        self.calls = calls
+        out: list[dict[str, Any]] = []
+        if content:
+            text = self.text[start:] if not calls else content
+            out.append({"content": text})
+        for i, c in enumerate(calls or []):
+            out.append({"tool_calls": [{"index": i, **c}]})
+        return out
+
+    def _auto_deltas(self) -> list[dict[str, Any]]:
+        if self._held is not None:
+            return []
+        text, i = self.text, self._sent
+        stop = len(text)
+        while i < len(text):
+            rest = text[i : i + len(_OPENERS[-1])]
+            opens = [o for o in _OPENERS if rest.startswith(o)]
+            maybe = [o for o in _OPENERS if o.startswith(rest) and len(rest) < len(o)]
+            if opens:
+                self._held = stop = i
+                break
+            if maybe and i + len(rest) == len(text):  # not decided until more text comes
+                stop = i
+                break
+            i += 1
+        piece, self._sent = text[self._sent : stop], stop
+        return [{"content": piece}] if piece else []
+
+    def _forced_deltas(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self._args is None:
+            head = _FORCED_HEAD.match(self.text)
+            if head is None:
+                return out
+            self._args = self._sent = self._pos = head.end()
+            name = json.loads(f'"{head.group(1)}"')
+            out.append(self._call_delta({"name": name, "arguments": ""}, head=True))
+        end = self._scan()
+        if end > self._sent:
+            out.append(self._call_delta({"arguments": self.text[self._sent : end]}))
+            self._sent = end
+        return out
+
+    def _scan(self) -> int:
+        """Where the arguments object read so far ends: its closing brace, found by depth
+        outside strings, or the end of the text while it is still open."""
+        text, i = self.text, self._pos
+        while i < len(text) and not self._closed:
+            ch = text[i]
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                self._closed = self._depth == 0
+            i += 1
+        self._pos = i
+        return i
+
+    def _call_delta(self, function: dict[str, Any], head: bool = False) -> dict[str, Any]:
+        call: dict[str, Any] = {"index": 0}
+        if head:
+            call |= {"id": self._id, "type": "function"}
+        return {"tool_calls": [{**call, "function": function}]}
+
+
+def _call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def _loads(raw: str) -> Any:
     try:
         return json.loads(raw)
