@@ -122,3 +122,24 @@ def test_completions_refuse_suffix_and_echo_by_name(client: Any) -> None:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="smol", prompt="Hello", max_tokens=4, **extra)
         assert next(iter(extra)) in str(err.value)
+
+
+def test_a_too_long_prompt_is_a_context_window_error_to_litellm(client: Any) -> None:
+    # LiteLLM (and OpenHands' condenser through it) knows a context-window error by its text:
+    # then it shortens the history rather than retrying the same call.
+    import os
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    litellm = pytest.importorskip("litellm")
+    too_long = [{"role": "user", "content": "word " * 9000}]
+    for extra in ({}, {"max_tokens": 8190}):
+        body = [{"role": "user", "content": "word " * 100}] if extra else too_long
+        with pytest.raises(litellm.ContextWindowExceededError):
+            litellm.completion(
+                model="openai/smol",
+                api_base=str(client.base_url),
+                api_key="none",
+                messages=body,
+                num_retries=0,
+                **extra,
+            )

@@ -150,6 +150,12 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status, headers=headers)
 
 
+_CONTEXT_HINT = (
+    "(mars serve: the context is the smaller of --kv-tokens and the context the model was "
+    "trained on)"
+)
+
+
 def sampling_params(
     body: _Body, prompt_len: int, context: int, max_completion: int | None, grammar: str | None
 ) -> SamplingParams:
@@ -163,10 +169,13 @@ def sampling_params(
         raise APIError(400, f"n must be 1: one choice per request (got {body.n})", param="n")
     room = context - prompt_len
     if room < 1:
+        # OpenAI's and vLLM's wording: clients (LiteLLM, OpenHands' condenser) recognise a
+        # context-window error by it and shorten the history instead of retrying.
         raise APIError(
             400,
-            f"the prompt has {prompt_len} tokens but the context holds {context}; shorten it "
-            "or start mars serve with a larger --kv-tokens",
+            f"This model's maximum context length is {context} tokens. However, your messages "
+            f"resulted in {prompt_len} tokens. Please reduce the length of the messages. "
+            f"{_CONTEXT_HINT}",
             param="messages" if isinstance(body, ChatRequest) else "prompt",
             code="context_length_exceeded",
         )
@@ -178,8 +187,10 @@ def sampling_params(
     if prompt_len + max_tokens > context:
         raise APIError(
             400,
-            f"the prompt ({prompt_len} tokens) plus {name} ({max_tokens}) exceeds the context "
-            f"of {context} tokens; lower {name} to at most {room}",
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in "
+            f"the completion). Please reduce the length of the messages or completion: {name} "
+            f"at most {room}. {_CONTEXT_HINT}",
             param=name,
             code="context_length_exceeded",
         )
