@@ -261,6 +261,13 @@ def test_every_request_is_logged_and_no_tools_turns_the_tools_api_off(tmp_path: 
         ok = post(base, {"messages": GO, "max_tokens": 2, "session_id": "logged"})
         assert ok.status_code == 200 and ok.headers["x-session-id"] == "logged"
         assert post(base, {"messages": []}).status_code == 422
+        refused = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"messages": GO, "max_tokens": 2, "temperature": -1},
+            headers={"x-litellm-session-id": "conv-9"},
+            timeout=60,
+        )
+        assert refused.status_code == 400
         assert post(base, {"command": "true"}, "/v1/sessions/x/tools").status_code == 501
     finally:
         proc.terminate()
@@ -269,6 +276,8 @@ def test_every_request_is_logged_and_no_tools_turns_the_tools_api_off(tmp_path: 
     lines = (tmp_path / "serve.log").read_text().splitlines()
     assert any("POST /v1/chat/completions 200 session=logged" in line for line in lines), lines
     assert any("POST /v1/chat/completions 422" in line for line in lines), lines
+    # Refused before its session was known: logged with the session its headers name.
+    assert any("POST /v1/chat/completions 400 session=conv-9" in line for line in lines), lines
     assert any("/v1/sessions/x/tools 501" in line for line in lines), lines
 
 

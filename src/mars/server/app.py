@@ -47,7 +47,7 @@ from mars.server.responses import (
     completion_stream,
     sse,
 )
-from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
+from mars.server.sessions import HEADERS, chat_opening, func_calls, is_last_step, session_of
 from mars.server.tenants import SCOPE_KEY, Keys, Tenant
 from mars.server.tools_api import tools_router
 from mars.tools.runtime import ToolRuntime
@@ -154,6 +154,10 @@ class _AccessLog:
         try:
             await self.app(scope, receive, watched)
         finally:
+            if session == "-":  # refused before its session was known: the one its headers name
+                named = dict(scope.get("headers", ()))
+                ids = [named[h.encode()] for h in HEADERS if h.encode() in named]
+                session = "~".join(dict.fromkeys(i.decode(errors="replace") for i in ids)) or "-"
             tenant: Tenant | None = scope.get(SCOPE_KEY)  # set by the guard, inside this one
             access_log.info(
                 "%s %s %s session=%s %.2fs%s",

@@ -29,7 +29,7 @@ from typing import Any
 from mars.server.protocol import _Body
 
 _TRUE = ("1", "true", "yes", "on")
-_HEADERS = (
+HEADERS = (
     "x-session-id",
     "x-dynamo-session-id",
     "x-litellm-session-id",
@@ -51,7 +51,7 @@ def session_of(
         xargs.get("session_id") or xargs.get("job_id"),
         body.job_id,
         body.prompt_cache_key,
-        *(headers.get(h) for h in _HEADERS),
+        *(headers.get(h) for h in HEADERS),
     ):
         named = isinstance(candidate, str | int) and not isinstance(candidate, bool)
         if named and candidate != "" and str(candidate) not in found:
