@@ -128,6 +128,7 @@ class MarsPolicy(BasePolicy):
         self._count_at: float | None = None
         self._pins: dict[str, float] = {}
         self.window = float(self.window_start)
+        self._window_sent: tuple[int, int] | None = None  # the last AdmissionWindow published
         self._overloaded = False
 
     def bind(self, ctx: PolicyContext) -> None:
@@ -445,8 +446,11 @@ class MarsPolicy(BasePolicy):
             # healthy, bound or not: a window cut by one big prefill must recover once the
             # system is idle, or it stays at its minimum for good.
             self.window += self.window_inc
-        if self.ctx.bus.wants(AdmissionWindow):
-            self.ctx.bus.publish(AdmissionWindow(now, "", int(self.window), active))
+        state = (int(self.window), active)
+        if state != self._window_sent and self.ctx.bus.wants(AdmissionWindow):
+            # On a change only: at every tick (5 a second) it drowned the event stream.
+            self._window_sent = state
+            self.ctx.bus.publish(AdmissionWindow(now, "", *state))
 
 
 class MarsNoPriority(MarsPolicy):
