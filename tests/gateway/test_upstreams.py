@@ -126,3 +126,29 @@ def test_the_control_tick_survives_a_policy_that_raises(caplog: pytest.LogCaptur
     assert policy.ticks >= 3
     logged = [r for r in caplog.records if "control tick" in r.getMessage()]
     assert len(logged) == 1 and "boom" in (logged[0].exc_text or "")
+
+
+def test_the_mars_policy_ticks_on_the_pooled_view(caplog: pytest.LogCaptureFixture) -> None:
+    # Every member the policy reads must be on the view: a missing one raises inside the
+    # tick, which the gateway logs and survives, so admission would quietly stop adapting.
+    import asyncio
+
+    from mars.control.admission import AdmissionLimits
+    from mars.core.clock import WallClock
+    from mars.core.events import EventBus
+    from mars.gateway.control import Control
+    from mars.sched.policies.mars import MarsPolicy
+
+    policy = MarsPolicy()
+
+    async def main() -> None:
+        control = Control(policy, pool(1), AdmissionLimits(), WallClock(), EventBus())
+        task = asyncio.create_task(control.run())
+        assert control.arrive("s1", 10) is None  # admitted: one session counts
+        await asyncio.sleep(1.2)  # a few control ticks
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(main())
+    assert not [r for r in caplog.records if "control tick" in r.getMessage()]
+    assert policy.footprint() > 0

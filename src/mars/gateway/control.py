@@ -49,6 +49,7 @@ class PooledKV:
 
     block_size = 1
     host_used_tokens = 0  # the upstreams' host copies are theirs: none to restore from here
+    segment_tokens = 0  # prefixes shared across sessions are the upstreams' (prefix caching)
 
     def __init__(self, upstreams: Upstreams) -> None:
         self._upstreams = upstreams
@@ -80,6 +81,10 @@ class PooledKV:
 
     def unpin(self, session_id: str, offload: bool = False) -> None:
         """Pins are the upstream engine's business; nothing is pinned here."""
+
+    def shared_prefix_tokens(self, session_id: str) -> int:
+        """What of a session's KV the upstream shares with others is not known here: none."""
+        return 0
 
 
 class Control:

@@ -89,6 +89,9 @@ class PoolView:
         self.config = KVConfig(num_blocks, block_size)
         self.block_size = block_size
         self.host_used_tokens = 0
+        # vLLM's prefix caching shares blocks across sessions on its own; the policy is not
+        # told which, so it counts none as shared.
+        self.segment_tokens = 0
         self._free_blocks, self._usage, self._unpin = free_blocks, usage, unpin
 
     @property
@@ -105,6 +108,9 @@ class PoolView:
 
     def unpin(self, session_id: str, offload: bool = False) -> None:
         self._unpin(session_id)  # no host tier here: a lapsed pin is vLLM prefix cache
+
+    def shared_prefix_tokens(self, session_id: str) -> int:
+        return 0
 
 
 class SessionBook:
