@@ -34,6 +34,7 @@ class KVMachine(RuleBasedStateMachine):
         self.seq: dict[str, list[int]] = {}  # session -> token ids of its latest sequence
         self.running: dict[str, tuple[Request, list[int]]] = {}
         self.content: dict[int, dict[int, int]] = {}  # block -> offset -> token id written
+        self.salt: dict[int, str] = {}  # block -> the salt of the session that wrote it
         self.turn = itertools.count()
 
     def _blocks(self, sid: str) -> list[int]:
@@ -46,11 +47,13 @@ class KVMachine(RuleBasedStateMachine):
             assert written == tokens[pos], (
                 f"{req.session_id} served token {written} at {pos}, wanted {tokens[pos]}"
             )
+            assert self.salt[blocks[pos // BS]] == req.prefix_salt, "KV crossed a salt"
 
     def _write(self, req: Request, tokens: list[int], start: int, n: int) -> None:
         blocks = self._blocks(req.session_id)
         for pos in range(start, start + n):
             self.content.setdefault(blocks[pos // BS], {})[pos % BS] = tokens[pos]
+            self.salt[blocks[pos // BS]] = req.prefix_salt
 
     @rule(
         sid=st.sampled_from(["a", "b", "c", "d"]),
@@ -70,7 +73,18 @@ class KVMachine(RuleBasedStateMachine):
         reuse = int(len(prev) * keep)  # keep < 1: the history was rewritten
         head = prev[:reuse] if prev else list(_PREFIXES[system])
         tokens = head + [next(_fresh) for _ in range(new)]
-        req = Request(f"{sid}-{next(self.turn)}", sid, len(tokens), out, reuse, 0.0, prefix=tokens)
+        # Two tenants: a and b may share each other's KV, c and d each other's, never across.
+        salt = "ab" if sid in "ab" else "cd"
+        req = Request(
+            f"{sid}-{next(self.turn)}",
+            sid,
+            len(tokens),
+            out,
+            reuse,
+            0.0,
+            prefix=tokens,
+            prefix_salt=salt,
+        )
         start = self.kv.start(req, limit, restore=restore)
         if start is None:
             return

@@ -86,3 +86,19 @@ def test_nothing_is_shared_without_a_prefix() -> None:
     b = Request("b-0", "b", 45, 1, 0, 0.0)
     start = kv.start(b, 1000)
     assert start is not None and start.hit.gpu_tokens == 0
+
+
+def test_calls_of_another_salt_share_nothing() -> None:
+    kv = KVManager(KVConfig(64, BS), SimClock())
+    tokens = [*SYSTEM, 1, 2, 3, 4, 5]
+    a = Request("a-0", "a", len(tokens), 1, 0, 0.0, prefix=tokens, prefix_salt="tenant-1|")
+    assert kv.start(a, 1000) is not None
+    a.num_computed_tokens = a.num_tokens
+    kv.finish(a, Retention.DROP)
+    b = Request("b-0", "b", len(tokens), 1, 0, 0.0, prefix=tokens, prefix_salt="tenant-2|")
+    start = kv.start(b, 1000)
+    assert start is not None and start.hit.gpu_tokens == 0 and kv.shared_tokens == 0
+    c = Request("c-0", "c", len(tokens), 1, 0, 0.0, prefix=tokens, prefix_salt="tenant-1|")
+    start = kv.start(c, 1000)
+    assert start is not None and start.hit.gpu_tokens == 44  # a's, of its own salt
+    kv.check_integrity()

@@ -442,7 +442,7 @@ X = ask("x")
         ({"messages": X, "n": 2}, 400, "n must be 1"),
         ({"messages": X, "max_tokens": -1}, 400, "max_tokens must be at least 1"),
         ({"messages": X, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
-        ({"messages": X, "max_tokens": KV_TOKENS}, 400, f"context of {KV_TOKENS}"),
+        ({"messages": X, "max_tokens": KV_TOKENS}, 400, f"maximum context length is {KV_TOKENS}"),
         ({"messages": ask("word " * 9000)}, 400, f"maximum context length is {KV_TOKENS} tokens"),
         ({"messages": []}, 422, "messages"),
         ({}, 422, "messages"),

@@ -128,6 +128,22 @@ def test_two_tenants_opening_alike_are_two_sessions(server: str) -> None:
     assert a1 == a2 and a1.startswith("fp-") and b1.startswith("fp-") and a1 != b1
 
 
+def test_no_tenant_is_served_another_tenants_kv(server: str) -> None:
+    """Prefixes are shared across sessions within a tenant, never across: another tenant's
+    `cached_tokens` would tell it what this one's prompts begin with."""
+    secret = [{"role": "system", "content": "Deploy key rotation plan: " + "alpha " * 60}, *GO]
+
+    def cached(key: str, sid: str, **extra: Any) -> int:
+        r = chat(server, key, sid, messages=secret, **extra)
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    assert cached(A, "kv-a1") < 10  # only what every chat opens with, if anything
+    assert cached(B, "kv-b1") < 10, "tenant B found tenant A's prompt cached"
+    assert cached(A, "kv-a2") > 60  # within tenant A it is shared
+    assert cached(A, "kv-a3", cache_salt="other") < 10  # and a cache_salt splits it further
+
+
 def test_a_wrong_or_missing_key_is_a_401(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200
     for headers in ({}, auth("key-c"), auth("key-"), {"Authorization": A}):

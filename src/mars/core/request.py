@@ -46,6 +46,10 @@ class Request:
     # own session cannot from blocks another session holds for the same leading tokens. Empty:
     # nothing is shared.
     prefix: Sequence[int] = ()
+    # Calls share KV across sessions only with calls of the same salt (the tenant, and the
+    # request's `cache_salt` as vLLM's): another tenant could otherwise learn from its
+    # `cached_tokens` what a prompt begins with.
+    prefix_salt: str = ""
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_output_tokens: int = 0

@@ -115,6 +115,7 @@ class _Pending:
     arrival: float
     tool_name: str | None  # the tool the agent ran before this call (a marker), if named
     next_tool: str | None  # the tool its answer leads to: a marker, "unknown", None = the end
+    salt: str = ""  # it shares KV across sessions only with calls of this salt
 
 
 class LiveEngine:
@@ -221,6 +222,7 @@ class LiveEngine:
         params: SamplingParams,
         tool_name: str | None = None,
         next_tool: str | None = "unknown",
+        salt: str = "",
     ) -> AsyncIterator[Chunk]:
         """Stream a request's output; closing the iterator early aborts the request. The first
         chunk (empty) comes once the engine took the call: a full queue raises before it."""
@@ -240,7 +242,7 @@ class LiveEngine:
         # The stream's request is a placeholder until the engine thread builds the real one.
         placeholder = Request(rid, session_id, len(prompt), params.max_tokens, 0, arrival)
         stream = _Stream(placeholder, params, loop, queue, Detokenizer(self.model))
-        pending = _Pending(rid, prompt, params, stream, arrival, tool_name, next_tool)
+        pending = _Pending(rid, prompt, params, stream, arrival, tool_name, next_tool, salt)
         self._post(lambda: self._arrive(session_id, pending))
         finished = False
         try:
@@ -385,6 +387,7 @@ class LiveEngine:
             call.arrival,
             len(session.turns),
             prefix=call.prompt,  # other sessions' KV for the same leading tokens is shared
+            prefix_salt=call.salt,
         )
         stream = call.stream
         stream.req = req

@@ -65,6 +65,7 @@ class KVBlocks:
         "parent",
         "pinned",
         "request_id",
+        "salt",
         "session_id",
     )
 
@@ -74,6 +75,7 @@ class KVBlocks:
         self.base = 0  # tokens before the own blocks: the parent's end (0 without one)
         self.blocks: list[int] = []  # own blocks, holding positions from `base` on
         self.key: Sequence[int] = ()  # content of the latest request's leading tokens
+        self.salt = ""  # its `prefix_salt`: whose calls may share this chain's blocks
         # Tokens with valid KV, `base` included (held: may end mid-block; cached: full blocks).
         self.num_tokens = 0
         self.held = False
@@ -307,7 +309,7 @@ class KVManager:
         else:
             self._detach(chain)
             self._take_hold(chain)
-        chain.request_id, chain.key = req.request_id, req.prefix
+        chain.request_id, chain.key, chain.salt = req.request_id, req.prefix, req.prefix_salt
         chain.offload_on_evict = False
         chain.finished, chain.base_reuse = False, req.reuse_tokens
         chain.num_tokens = gpu
@@ -490,6 +492,8 @@ class KVManager:
             pick: Segment | KVBlocks | None = None
             got = floor
             for node in level:
+                if node.salt != req.prefix_salt:
+                    continue
                 if isinstance(node, KVBlocks):
                     if node.session_id == req.session_id or (node.held and not node.pinned):
                         continue  # a running call's blocks may not be computed yet
@@ -585,7 +589,7 @@ class KVManager:
         start = node.start if isinstance(node, Segment) else node.base
         k = (m - start) // bs
         assert 0 < k <= len(node.blocks), "a split inside the node"
-        seg = Segment(node.key, start, node.parent)
+        seg = Segment(node.key, start, node.parent, node.salt)
         parent = node.parent
         if isinstance(node, Segment):
             self._unplace(node)

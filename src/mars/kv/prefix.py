@@ -43,12 +43,16 @@ class Segment:
         "key",
         "parent",
         "place",
+        "salt",
         "sessions",
         "start",
     )
 
-    def __init__(self, key: Sequence[int], start: int, parent: Segment | None) -> None:
+    def __init__(
+        self, key: Sequence[int], start: int, parent: Segment | None, salt: str = ""
+    ) -> None:
         self.key = key
+        self.salt = salt  # only calls of this salt may continue it
         self.start = start
         self.end = start
         self.parent = parent

@@ -415,7 +415,12 @@ def _call(
     params = sampling_params(body, len(prompt), eng.max_context, max_completion, grammar)
     this_tool, last_tool = func_calls(body, request.headers)
     last = is_last_step(body, request.headers)
-    return Call(sid, prompt, params, last, last_tool, this_tool, fns)
+    call = Call(sid, prompt, params, last, last_tool, this_tool, fns)
+    # KV is shared across sessions only within one tenant (and one `cache_salt`): another
+    # tenant's `cached_tokens` would tell what this one's prompts begin with.
+    tenant = tenant_of(request)
+    call.salt = f"{tenant.name if tenant else ''}|{body.cache_salt or ''}"
+    return call
 
 
 async def _unless_gone(request: Request, work: Awaitable[dict[str, Any]]) -> Response:

@@ -74,6 +74,7 @@ class _Body(Checked):
     session_id: str | None = None
     job_id: str | None = None
     prompt_cache_key: str | None = None
+    cache_salt: str | None = None  # vLLM's: KV is shared only between requests of one salt
     user: str | None = None
     nvext: dict[str, Any] | None = None
     is_last_step: bool | None = None

@@ -67,6 +67,7 @@ class Call:
     fns: dict[str, Any]  # functions a reply may call (empty: plain text)
     forced: bool = False  # a grammar makes the reply exactly one call of `fns`
     parallel: bool = True  # several calls in one reply (`parallel_tool_calls`)
+    salt: str = ""  # KV is shared across sessions only between calls of one salt
     activity: Activity | None = None  # told when the request starts and ends
 
 
@@ -76,7 +77,7 @@ async def _generate(eng: LiveEngine, call: Call) -> AsyncGenerator[Chunk, None]:
     try:
         next_tool = None if call.last_step else (call.this_tool or "unknown")
         async for chunk in eng.generate(
-            call.session_id, call.prompt, call.params, call.last_tool, next_tool
+            call.session_id, call.prompt, call.params, call.last_tool, next_tool, call.salt
         ):
             if chunk.finish_reason == "abort":
                 raise APIError(
