@@ -697,8 +697,31 @@ def test_tools_reach_templates_with_tool_syntax() -> None:
 
 
 def test_grammar_refuses_bounds_llama_cpp_cannot_take() -> None:
-    fns = toolcalls.chosen([RUN_TESTS], "required")[0]
+    fns = toolcalls.chosen([json.loads(json.dumps(RUN_TESTS))], "required")[0]  # a copy
     assert "root" in toolcalls.grammar(fns)
     fns["run_tests"]["parameters"]["properties"]["path"]["maxLength"] = 10**6
     with pytest.raises(APIError, match="maxLength"):
         toolcalls.grammar(fns)
+
+
+def test_a_forced_call_cut_short_is_still_a_call(client: openai.OpenAI) -> None:
+    # As OpenAI returns it: the call with its arguments truncated, finish_reason "length"; an
+    # agent then sees a malformed call to retry, not a final answer with no call.
+    asked: dict[str, Any] = {
+        "model": "default",
+        "messages": ask("Run the tests in src/."),
+        "tools": [RUN_TESTS],
+        "tool_choice": "required",
+        "max_tokens": 14,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**asked).choices[0]
+    assert whole.finish_reason == "length" and whole.message.content is None
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "run_tests" and call.id.startswith("call_")
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "run_tests"
+    streamed = "".join(d.function.arguments or "" for d in deltas)
+    assert streamed == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -125,9 +125,9 @@ def _usage(last: Chunk) -> dict[str, Any]:
 
 
 def _finish_reason(last: Chunk, calls: list[dict[str, Any]] | None) -> str:
-    if calls:
-        return "tool_calls"
-    return "length" if last.finish_reason == "length" else "stop"
+    if last.finish_reason == "length":
+        return "length"
+    return "tool_calls" if calls else "stop"
 
 
 async def _collect(eng: LiveEngine, call: Call) -> tuple[str, list[int], list[TokenLogprob], Chunk]:
@@ -162,11 +162,15 @@ def _head(kind: str, eng: LiveEngine) -> dict[str, Any]:
 
 async def chat_full(eng: LiveEngine, body: ChatRequest, call: Call) -> dict[str, Any]:
     text, ids, lps, last = await _collect(eng, call)
-    # A forced call cut short by max_tokens is returned as text with finish_reason "length",
-    # as OpenAI does with truncated arguments.
-    content, calls = toolcalls.parse(text, call.fns) if call.fns else (text, None)
-    if calls and not call.parallel:
-        calls = calls[:1]
+    if call.fns:  # as the stream reads it: a forced call cut short by max_tokens is still a
+        # call (its arguments truncated, finish_reason "length"), as OpenAI returns it
+        parser = toolcalls.CallStream(call.fns, call.forced, call.parallel)
+        deltas = parser.feed(text) + parser.finish()
+        calls = parser.calls
+        said = "".join(d.get("content", "") for d in deltas).strip()
+        content = (said or None) if calls else text
+    else:
+        content, calls = text, None
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls

@@ -370,8 +370,8 @@ class CallStream:
         out: list[dict[str, Any]] = []
         if self._args is None:
             head = _FORCED_HEAD.match(self.text)
-            if head is None:
-                return out
+            if head is None or head.end() == len(self.text):  # the arguments have not begun:
+                return out  # more whitespace may come before them
             self._args = self._sent = self._pos = head.end()
             name = json.loads(f'"{head.group(1)}"')
             out.append(self._call_delta({"name": name, "arguments": ""}, head=True))
