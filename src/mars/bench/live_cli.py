@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
+from mars.bench.agents_cli import add_agent_args, run_agent_bench
 from mars.core.errors import UsageError
 from mars.sched.registry import check_policy
 from mars.sim.costmodel_cli import non_negative_int, positive_float, positive_int
@@ -23,15 +24,16 @@ DEFAULT_TIME_SCALE = 0.1
 def add_bench_parser(sub: argparse._SubParsersAction[P]) -> None:
     p = sub.add_parser(
         "bench",
-        help="replay traces against a live mars serve per policy; report like mars sweep",
+        help="replay traces (or run real agents) against a live mars serve per policy",
         description=(
             "For each policy and seed, start a fresh `mars serve`, replay the trace sessions as "
             "real HTTP agents (LLM calls and tool runs), and write results.json, report.md and "
             "PNG plots like `mars sweep` (executor llamacpp). The defaults finish in a few "
-            "minutes per policy on 2 cores."
+            "minutes per policy on 2 cores. With --agents instead of --traces, real agent "
+            "frameworks work on seeded tasks (see the real agents options)."
         ),
     )
-    p.add_argument("--traces", required=True, help="trace file (JSONL, ../shared/traces format)")
+    p.add_argument("--traces", help="trace file (JSONL, ../shared/traces format)")
     p.add_argument("--policies", type=_names, required=True, help="comma-separated policies")
     p.add_argument(
         "--sessions",
@@ -39,7 +41,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[P]) -> None:
         default=DEFAULT_SESSIONS,
         help=f"seeded sample of N sessions per run (default {DEFAULT_SESSIONS})",
     )
-    load = p.add_mutually_exclusive_group(required=True)
+    load = p.add_mutually_exclusive_group()
     load.add_argument("--rate", type=positive_float, help="open loop: Poisson sessions/s")
     load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
     load.add_argument(
@@ -86,6 +88,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[P]) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output directory")
+    add_agent_args(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -93,6 +96,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from mars.bench.report import write_plots, write_report
     from mars.sim.experiment import load_specs
 
+    if args.agents is not None:
+        return run_agent_bench(args)
+    if args.traces is None:
+        raise UsageError("give --traces FILE (trace replay) or --agents miniswe (real agents)")
+    if args.rate is None and args.concurrency is None and args.load is None:
+        raise UsageError("trace replay needs one of --rate, --concurrency or --load")
     for name in args.policies:
         check_policy(name)
     out = Path(args.out)

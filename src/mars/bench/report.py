@@ -62,7 +62,8 @@ def _groups(results: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[d
     return out
 
 
-def _ms(values: Sequence[float]) -> str:
+def mean_sd(values: Sequence[float]) -> str:
+    """`mean ± standard deviation`, one decimal (the mean alone for one value)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return f"{mean:.1f}"
@@ -116,9 +117,9 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
             rate = f" {_rate(g[0])} |" if rate_head else ""
             lines.append(
                 f"| {p} | {x:g} |{rate}"
-                f" {_ms([_get('latency_s.mean')(r) for r in g])} "
-                f"| {_ms([_get('latency_s.p95')(r) for r in g])} "
-                f"| {_ms([_get('slowdown.mean')(r) for r in g])} "
+                f" {mean_sd([_get('latency_s.mean')(r) for r in g])} "
+                f"| {mean_sd([_get('latency_s.p95')(r) for r in g])} "
+                f"| {mean_sd([_get('slowdown.mean')(r) for r in g])} "
                 f"| {statistics.fmean(_get('goodput.fraction')(r) for r in g):.0%} "
                 f"| {statistics.fmean(_get('throughput.steady_sessions_per_s')(r) for r in g):.4f} "
                 f"| {statistics.fmean(_get('kv.hit_rate')(r) for r in g):.1%} "
@@ -310,7 +311,7 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    paths.append(_save(fig, out / "latency.png"))
+    paths.append(save_figure(fig, out / "latency.png"))
 
     for key, name, ylabel in (
         ("goodput.fraction", "goodput.png", "sessions within 3x ideal"),
@@ -323,27 +324,30 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-        paths.append(_save(fig, out / name))
+        paths.append(save_figure(fig, out / name))
+
+    top = xs[-1] if xs else None
+    runs = {p: g[0] for p in policies if (g := groups.get((p, top), []) if top is not None else [])}
+    paths += plot_over_time(runs, out, "seconds, simulated or live (highest load, first seed)")
+    return paths
+
+
+def plot_over_time(runs: dict[str, dict[str, Any]], out: Path, xlabel: str) -> list[Path]:
+    """kv_usage.png, and admission_window.png where a policy keeps a window: one run per
+    policy (its `kv_usage_over_time`, `admission_window_over_time`)."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    top = xs[-1] if xs else None
-    for p in policies:
-        g = groups.get((p, top), []) if top is not None else []
-        if g and g[0].get("kv_usage_over_time"):
-            t, u = zip(*g[0]["kv_usage_over_time"], strict=True)
+    for p, r in runs.items():
+        if r.get("kv_usage_over_time"):
+            t, u = zip(*r["kv_usage_over_time"], strict=True)
             ax.plot(t, u, label=p, linewidth=0.8)
-    ax.set_xlabel("seconds, simulated or live (highest load, first seed)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("KV blocks held (fraction)")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(_save(fig, out / "kv_usage.png"))
-
-    windows = {
-        p: g[0]["admission_window_over_time"]
-        for p in policies
-        if (g := groups.get((p, top), []) if top is not None else [])
-        and g[0].get("admission_window_over_time")
-    }
+    paths = [save_figure(fig, out / "kv_usage.png")]
+    windows = {p: w for p, r in runs.items() if (w := r.get("admission_window_over_time"))}
     if windows:  # policies with an admission window (AIMD): the window and what it admitted
         fig, ax = plt.subplots(figsize=(8, 4))
         for p, points in windows.items():
@@ -351,15 +355,15 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
             (line,) = ax.step(t, w, where="post", label=f"{p}: window", linewidth=0.9)
             ax.step(t, a, where="post", label=f"{p}: admitted", linewidth=0.7, linestyle="--",
                     color=line.get_color())  # fmt: skip
-        ax.set_xlabel("seconds, simulated or live (highest load, first seed)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("sessions")
         ax.grid(alpha=0.3)
         ax.legend()
-        paths.append(_save(fig, out / "admission_window.png"))
+        paths.append(save_figure(fig, out / "admission_window.png"))
     return paths
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
