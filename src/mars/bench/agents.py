@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mars.agents.tasks import Task, generate_tasks, load_tasks, write_tasks
-from mars.bench.live import COUNTERS, KV_POLL_S, serve_options
+from mars.bench.live import COUNTERS, KV_POLL_S, ServerOptions
 from mars.bench.liveserver import get_json, mars_server
 from mars.bench.metrics import SessionResult, percentile, result_json
 from mars.core.errors import UsageError
@@ -38,7 +38,7 @@ Progress = Literal["bar", "lines", "off"]
 
 
 @dataclass(frozen=True)
-class AgentBenchPlan:
+class AgentBenchPlan(ServerOptions):
     """Everything `mars bench --agents` takes."""
 
     tasks: str  # a tasks directory, or "builtin" (generated per seed)
@@ -53,11 +53,6 @@ class AgentBenchPlan:
     max_tokens: int = 48
     temperature: float = 1.0
     command_timeout_s: int = 30
-    kv_tokens: int | None = None
-    tool_workers: int | None = None
-    engine_cpus: str | None = None
-    tool_cpus: str | None = None
-    unsafe_tools: bool = False
     events: bool = False
     progress: Progress = "lines"
 
@@ -91,8 +86,8 @@ class AgentBenchPlan:
             seed=seed,
         )
 
-    def serve_args(self, policy: str, seed_roots: Sequence[Path]) -> list[str]:
-        args = serve_options(self, policy)
+    def seeded_serve_args(self, policy: str, seed_roots: Sequence[Path]) -> list[str]:
+        args = self.serve_args(policy)
         for root in sorted(set(seed_roots)):
             args += ["--seed-root", str(root)]
         return args
@@ -122,7 +117,7 @@ class AgentBench:
         name = f"{self._runs:02d}-{policy}-seed{seed}"
         log = self.plan.out / f"serve-{name}.log"
         roots = [t.repo.parent.parent for t in tasks if t.repo is not None]
-        args = self.plan.serve_args(policy, roots)
+        args = self.plan.seeded_serve_args(policy, roots)
         if self.plan.events:
             args += ["--events", str(self.plan.out / f"events-{name}.jsonl")]
         settings = self.plan.settings(seed)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-from pathlib import Path
 
 from mars.core.errors import UsageError
-from mars.sched.registry import check_policy
 from mars.sim.costmodel_cli import non_negative_float, positive_int
 
 
@@ -58,6 +55,7 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
 def run_agent_bench(args: argparse.Namespace) -> int:
     from mars.bench.agents import AgentBench, AgentBenchPlan
     from mars.bench.agents_report import write_agent_plots, write_agent_report
+    from mars.bench.live_cli import check_bench_args
 
     for flag, value in (
         ("--traces", args.traces),
@@ -71,18 +69,7 @@ def run_agent_bench(args: argparse.Namespace) -> int:
         raise UsageError("--client-tools is for trace replay: agents run their commands")
     if args.tasks is None:
         raise UsageError("--agents needs --tasks DIR or --tasks builtin")
-    for name in args.policies:
-        check_policy(name)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory")
-    if (args.engine_cpus is None) != (args.tool_cpus is None):
-        raise UsageError("give --engine-cpus and --tool-cpus together (e.g. 0 and 1)")
-    if not args.unsafe_tools and shutil.which("bwrap") is None:
-        raise UsageError(
-            "bubblewrap (bwrap) is not installed, so the server's tools API is off: install it, "
-            "or pass --unsafe-tools (tools unsandboxed)"
-        )
+    out = check_bench_args(args, "")
     plan = AgentBenchPlan(
         tasks=args.tasks,
         policies=tuple(args.policies),

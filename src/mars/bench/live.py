@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from mars.bench.capacity import CurvePoint, peak
 from mars.bench.liveserver import get_json, mars_server
@@ -56,8 +56,31 @@ COUNTERS = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """The `mars serve` options a benchmark starts each fresh server with."""
+
+    kv_tokens: int | None = None
+    tool_workers: int | None = None
+    engine_cpus: str | None = None
+    tool_cpus: str | None = None
+    unsafe_tools: bool = False
+
+    def serve_args(self, policy: str) -> list[str]:
+        args = ["--policy", policy]
+        for flag, value in (
+            ("--kv-tokens", self.kv_tokens),
+            ("--tool-workers", self.tool_workers),
+            ("--engine-cpus", self.engine_cpus),
+            ("--tool-cpus", self.tool_cpus),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        return args + (["--unsafe-tools"] if self.unsafe_tools else [])
+
+
 @dataclass(frozen=True)
-class LivePlan:
+class LivePlan(ServerOptions):
     """Everything `mars bench` takes."""
 
     traces: str
@@ -71,11 +94,6 @@ class LivePlan:
     token_scale: float = 0.05
     time_scale: float = 0.1
     tool_stats: str | None = None
-    kv_tokens: int | None = None
-    tool_workers: int | None = None
-    engine_cpus: str | None = None
-    tool_cpus: str | None = None
-    unsafe_tools: bool = False
     client_tools: bool = False  # wait tool time on the client instead of the tools API
     capacity_concurrencies: tuple[int, ...] = CAPACITY_CONCURRENCIES
     events: bool = False  # keep each run's event stream beside its server log
@@ -96,9 +114,6 @@ class LivePlan:
             token_scale=self.token_scale,
             time_scale=self.time_scale,
         )
-
-    def serve_args(self, policy: str) -> list[str]:
-        return serve_options(self, policy)
 
     @property
     def tool_cores(self) -> int:
@@ -403,30 +418,3 @@ def _line(r: dict[str, Any]) -> str:
         f"p95 {lat['p95']:.1f} s, slowdown {r['slowdown']['mean']:.2f}, goodput "
         f"{r['goodput']['fraction']:.0%}, KV hit {kv['hit_rate']:.1%}, wall {r['wall_s']:.0f} s"
     )
-
-
-class _ServerSettings(Protocol):
-    @property
-    def kv_tokens(self) -> int | None: ...
-    @property
-    def tool_workers(self) -> int | None: ...
-    @property
-    def engine_cpus(self) -> str | None: ...
-    @property
-    def tool_cpus(self) -> str | None: ...
-    @property
-    def unsafe_tools(self) -> bool: ...
-
-
-def serve_options(settings: _ServerSettings, policy: str) -> list[str]:
-    """`mars serve` options of a benchmark's fresh server under `policy`."""
-    args = ["--policy", policy]
-    for flag, value in (
-        ("--kv-tokens", settings.kv_tokens),
-        ("--tool-workers", settings.tool_workers),
-        ("--engine-cpus", settings.engine_cpus),
-        ("--tool-cpus", settings.tool_cpus),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
-    return args + (["--unsafe-tools"] if settings.unsafe_tools else [])

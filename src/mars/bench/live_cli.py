@@ -102,18 +102,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UsageError("give --traces FILE (trace replay) or --agents miniswe (real agents)")
     if args.rate is None and args.concurrency is None and args.load is None:
         raise UsageError("trace replay needs one of --rate, --concurrency or --load")
-    for name in args.policies:
-        check_policy(name)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory")
-    if (args.engine_cpus is None) != (args.tool_cpus is None):
-        raise UsageError("give --engine-cpus and --tool-cpus together (e.g. 0 and 1)")
-    if not args.unsafe_tools and not args.client_tools and shutil.which("bwrap") is None:
-        raise UsageError(
-            "bubblewrap (bwrap) is not installed, so the server's tools API is off: install it, "
-            "or pass --unsafe-tools (tools unsandboxed) or --client-tools"
-        )
+    out = check_bench_args(args, "or --client-tools" if not args.client_tools else None)
     if args.load is not None and args.sessions < 2:
         raise UsageError("--load needs --sessions 2 or more to measure the fcfs capacity")
     plan = LivePlan(
@@ -161,3 +150,21 @@ def _seeds(text: str) -> list[int]:
 
 def _ints(text: str) -> list[int]:
     return [positive_int(part) for part in _names(text)]
+
+
+def check_bench_args(args: argparse.Namespace, other_way: str | None) -> Path:
+    """Check what every `mars bench` run takes (policies, --out, CPUs, the sandbox; `other_way`:
+    how else to do without bubblewrap, or None when none is needed); the --out directory."""
+    for name in args.policies:
+        check_policy(name)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if (args.engine_cpus is None) != (args.tool_cpus is None):
+        raise UsageError("give --engine-cpus and --tool-cpus together (e.g. 0 and 1)")
+    if other_way is not None and not args.unsafe_tools and shutil.which("bwrap") is None:
+        raise UsageError(
+            "bubblewrap (bwrap) is not installed, so the server's tools API is off: install it, "
+            f"or pass --unsafe-tools (tools unsandboxed){' ' + other_way if other_way else ''}"
+        )
+    return out
