@@ -177,3 +177,19 @@ def test_a_seed_replaces_links_instead_of_writing_through_them(tmp_path: Path, r
     assert list(outside.iterdir()) == []
     assert (ws.path / "pkg").is_dir() and not (ws.path / "pkg").is_symlink()
     spaces.close()
+
+
+@pytest.mark.parametrize("pid", [1, 12_345, 19_999, 20_000, 4_194_303])
+def test_session_uids_are_a_range_per_server_and_stay_below_2_31(
+    pid: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two servers on one machine must not share session uids (RLIMIT_NPROC, kill_uid), and a uid
+    # at or past 2**31 cannot be mapped into bubblewrap's user namespace (uid map: EINVAL).
+    from mars.tools import workspace
+
+    monkeypatch.setattr(workspace.os, "getpid", lambda: pid)
+    base = workspace._uid_base()
+    assert base >= 200_000 and base + workspace.UID_RANGE < 2**31
+    monkeypatch.setattr(workspace.os, "getpid", lambda: pid + 1)
+    other = workspace._uid_base()
+    assert abs(other - base) >= workspace.UID_RANGE

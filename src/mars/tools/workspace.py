@@ -258,11 +258,16 @@ def _merge(staging: Path, dest: Path) -> None:
         os.rename(entry.path, target)
 
 
+UID_RANGE = 100_000  # session uids a server takes before it could meet another's
+_UID_RANGES = 20_000  # ranges, all below 2**31 (see _uid_base)
+
+
 def _uid_base() -> int:
-    """The first session uid of this server: a range of its own (100,000 uids, chosen by its
-    pid), so that two servers on one machine never share a uid, an RLIMIT_NPROC count, or a
-    `kill_uid` at a session's end."""
-    return 200_000 + (os.getpid() % 40_000) * 100_000
+    """The first session uid of this server: a range of its own (chosen by its pid), so that
+    two servers on one machine never share a uid, an RLIMIT_NPROC count, or a `kill_uid` at a
+    session's end. All below 2**31: bubblewrap fails to map a larger one ("setting up uid map:
+    Invalid argument")."""
+    return 200_000 + (os.getpid() % _UID_RANGES) * UID_RANGE
 
 
 def _chown_tree(top: Path, uid: int) -> None:
