@@ -15,17 +15,24 @@ extra=""
 stamp=".venv/.mars-setup${extra}"
 pip_() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 
-# The tools API runs each command in a bubblewrap sandbox (`mars serve --unsafe-tools` runs
-# them without one). Installed here only as root with apt; otherwise a one-line note.
-if ! command -v bwrap >/dev/null; then
+# Debian packages, installed only as root with apt (otherwise a one-line note each): the tools
+# API runs each command in a bubblewrap sandbox (`mars serve --unsafe-tools` runs them without
+# one); the tests also start a real Prometheus server and drive a real headless Chromium.
+apt_() { DEBIAN_FRONTEND=noninteractive apt-get "$@" -qq >/dev/null 2>&1; }
+need_deb() {  # need_deb COMMAND PACKAGE WHAT
+  command -v "$1" >/dev/null && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing bubblewrap (the tools API's sandbox)" >&2
-    apt_() { DEBIAN_FRONTEND=noninteractive apt-get "$@" -qq >/dev/null 2>&1; }
-    apt_ install -y bubblewrap || { apt_ update && apt_ install -y bubblewrap; } ||
-      echo "setup: could not install bubblewrap: the tools API stays off without it" >&2
+    echo "setup: installing $2 ($3)" >&2
+    apt_ install -y "$2" || { apt_ update && apt_ install -y "$2"; } ||
+      echo "setup: could not install $2: $3 stays off without it" >&2
   else
-    echo "setup: note: the tools API needs bubblewrap (apt-get install bubblewrap as root)" >&2
+    echo "setup: note: $3 needs $2 (apt-get install $2 as root)" >&2
   fi
+}
+need_deb bwrap bubblewrap "the tools API's sandbox"
+if [ -n "$extra" ]; then
+  need_deb prometheus prometheus "the metrics test's Prometheus server"
+  need_deb chromium chromium "the dashboard test's browser"
 fi
 
 if [ ! -x .venv/bin/python ]; then
