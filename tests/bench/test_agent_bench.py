@@ -5,6 +5,7 @@ generator (seeded, each task fixable by its one-line fix) and the command's inpu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -28,13 +29,16 @@ FIXES = {
 }
 
 
-def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def bench(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mars", "bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else os.environ | env,
     )
 
 
@@ -79,7 +83,7 @@ def test_a_bad_tasks_directory_says_what_is_wrong(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--agents", "openhands", "--tasks", "builtin"], "not wired"),
+        (["--agents", "openhands", "--tasks", "builtin", "--kv-tokens", "4096"], "8192 or more"),
         (["--agents", "miniswe"], "--tasks"),
         (["--agents", "miniswe", "--tasks", "builtin", "--rate", "1"], "--rate is for trace"),
         (["--agents", "miniswe", "--tasks", "nope-dir"], "not a directory"),
@@ -97,6 +101,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
 
 # LiteLLM's TypedDicts, built by pydantic when the first call is made: not ours to fix.
 @pytest.mark.filterwarnings("ignore:.*`ReadOnly` qualifier:UserWarning")
+def test_openhands_without_its_venv_says_how_to_make_it(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-venv")
+    proc = bench(
+        "--agents", "openhands", "--tasks", "builtin", "--policies", "fcfs",
+        "--out", str(tmp_path / "out"), env={"MARS_OPENHANDS_VENV": missing},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{missing}" in proc.stderr and "scripts/setup_openhands.sh" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_real_agents_run_tasks_with_real_tool_runs(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp", exc_type=ImportError)
     # Through mars's adapter, which silences mini-swe-agent's banner before importing it.

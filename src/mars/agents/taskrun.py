@@ -1,11 +1,10 @@
-"""Real mini-swe-agent runs on seeded tasks against one `mars serve`, N at a time.
+"""A real mini-swe-agent run on one seeded task against `mars serve` (a `TaskRunner` of
+`mars.agents.fleet`).
 
 Each task gets a fresh session: its workspace is seeded with the task's repo, mini-swe-agent's
 `DefaultAgent` with the bundled `mini` config runs it (every turn to mars with the session id,
 every command through the tools API as a real process in the workspace), the task's check
-command says whether it was solved, and the session is ended. N worker threads take the tasks in
-order (a closed loop: a task starts when a worker is free), so new sessions' cold prefills meet
-older sessions' continuations, as in a fleet of agents.
+command says whether it was solved, and the session is ended.
 
 A task's time is its agent's wall time, from `run()` to its end (the admission queue, every
 model call and every tool run included; the seeding before and the check after are not).
@@ -14,14 +13,10 @@ model call and every tool run included; the seeding before and the check after a
 from __future__ import annotations
 
 import os
-import threading
 import time
-import zlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mars.agents.fleet import AgentSettings, TaskOutcome
 from mars.agents.miniswe import (
     DefaultAgent,
     MarsEnvironment,
@@ -35,47 +30,6 @@ from mars.agents.tasks import Task
 # mini-swe-agent retries a failed model call up to 10 times, waiting 4-60 s between: a run that
 # must end within its time limit gives up after a second failure.
 os.environ.setdefault("MSWEA_MODEL_RETRY_STOP_AFTER_ATTEMPT", "2")
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """How each agent runs: the bundled config's templates, with these limits on top."""
-
-    step_limit: int = 8  # model calls per task
-    time_limit_s: int = 300  # no model call starts after this, and none may last longer
-    max_tokens: int = 64  # per model reply
-    temperature: float = 1.0  # with a per-task seed (below): varied yet reproducible commands
-    command_timeout_s: int = 30  # per tool run
-    seed: int = 0  # each task samples with a seed drawn from this and its id
-
-
-@dataclass
-class TaskOutcome:
-    """One task's run, times relative to the start of the whole run."""
-
-    task_id: str
-    session_id: str
-    start_s: float = 0.0
-    end_s: float = 0.0
-    exit_status: str = ""  # mini-swe-agent's: Submitted, LimitsExceeded, TimeExceeded, ...
-    llm_calls: int = 0  # model calls, format errors included
-    steps: int = 0  # replies that carried a command
-    llm_s: float = 0.0  # in model calls (admission queue and engine wait included)
-    tool_runs: int = 0
-    tool_s: float = 0.0  # tool runs as the agent saw them (HTTP and tool queue included)
-    tool_run_s: float = 0.0  # the processes' own time, as the server measured it
-    tool_queue_wait_s: float = 0.0
-    submitted: bool = False
-    solved: bool = False  # the task's check command exits 0 after the run
-    error: str | None = None
-    commands: list[str] = field(default_factory=list)  # what the model ran (first 200 chars)
-
-    @property
-    def task_s(self) -> float:
-        return self.end_s - self.start_s
-
-    def row(self) -> dict[str, Any]:
-        return asdict(self) | {"task_s": self.task_s}
 
 
 class _CountingEnvironment(MarsEnvironment):
@@ -125,7 +79,7 @@ def run_task(
     model_config["model_kwargs"] = model_config.get("model_kwargs", {}) | {
         "max_tokens": settings.max_tokens,
         "temperature": settings.temperature,
-        "seed": zlib.crc32(f"{settings.seed}/{task.task_id}".encode()),
+        "seed": settings.task_seed(task.task_id),
         "timeout": settings.time_limit_s,  # LiteLLM's request timeout
     }
     env = _CountingEnvironment(
@@ -173,38 +127,3 @@ def _count(outcome: TaskOutcome, agent: _TimedAgent, env: _CountingEnvironment) 
     outcome.tool_run_s = sum(float(x.get("run_s", 0.0)) for x in ran)
     outcome.tool_queue_wait_s = sum(float(x.get("queue_wait_s", 0.0)) for x in ran)
     outcome.submitted = outcome.exit_status == "Submitted"
-
-
-@dataclass
-class AgentFleet:
-    """`agents` workers on one server, each taking the next task until none is left."""
-
-    base_url: str
-    agents: int
-    settings: AgentSettings = field(default_factory=AgentSettings)
-    api_key: str | None = None
-
-    def run(
-        self, tasks: Sequence[Task], on_done: Callable[[TaskOutcome], None] | None = None
-    ) -> tuple[list[TaskOutcome], float]:
-        """Every task's outcome (in task order) and the run's wall time."""
-        t0 = time.monotonic()
-        lock = threading.Lock()
-
-        def one(task: Task) -> TaskOutcome:
-            outcome = run_task(self.base_url, task, self.settings, t0, self.api_key)
-            if on_done is not None:
-                with lock:
-                    on_done(outcome)
-            return outcome
-
-        pool = ThreadPoolExecutor(max_workers=self.agents, thread_name_prefix="agent")
-        try:
-            outcomes = list(pool.map(one, tasks))
-        except BaseException:
-            # Ctrl-C or a task that could not start: no new task starts, and the caller stops
-            # the server, which ends the agents still running.
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
-        return outcomes, time.monotonic() - t0

@@ -1,11 +1,14 @@
-"""`mars bench --agents miniswe`: real agent frameworks on seeded tasks, policies x seeds.
+"""`mars bench --agents miniswe|openhands`: real agent frameworks on seeded tasks, policies x
+seeds.
 
 For every (seed, policy) a fresh `mars serve` starts (so no run inherits another's cache or
-queues), seeded with the task repos under `--seed-root`, and N mini-swe-agent agents
-(`mars.agents.taskrun`) work through the seed's tasks in closed loop: their turns go to the
-server with one session id per task, their commands run through the tools API as real processes
-in each task's workspace. A task's time is its agent's wall time, start to end. KV counters are
-the server's `/v1/kv_cache_stats`, before and after, subtracted.
+queues) and N agents work through the seed's tasks in closed loop (`mars.agents.fleet`), one
+session per task. mini-swe-agent (`mars.agents.taskrun`) runs in this process, its commands
+through the tools API as real processes in each task's workspace (seeded from `--seed-root`);
+OpenHands (`mars.agents.openhands_run`) runs each task in a subprocess of its own Python 3.12 venv,
+its tools as local processes in a copy of the task's repo. A task's time is its agent's wall
+time, start to end. KV counters are the server's `/v1/kv_cache_stats`, before and after,
+subtracted.
 
 Builtin tasks are generated per seed (`mars.agents.tasks`) and written to `OUT/tasks-seedS/`, a
 tasks directory that `--tasks` takes back. `mars.bench` imports no HTTP client or agent framework
@@ -30,9 +33,10 @@ from mars.bench.metrics import SessionResult, percentile, result_json
 from mars.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from mars.agents.taskrun import AgentSettings, TaskOutcome
+    from mars.agents.fleet import AgentSettings, TaskOutcome, TaskRunner
 
 FRAMEWORKS = ("miniswe", "openhands")
+OPENHANDS_MIN_KV = 8192  # one session's prompt (~6,100 tokens) and a few turns
 BUILTIN = "builtin"
 Progress = Literal["bar", "lines", "off"]
 
@@ -50,7 +54,7 @@ class AgentBenchPlan(ServerOptions):
     task_count: int | None = None  # builtin: tasks per seed (default 1.5x agents); DIR: first M
     step_limit: int = 6
     time_limit_s: int = 300
-    max_tokens: int = 48
+    max_tokens: int | None = None  # per reply; None: 48 for miniswe, 128 for openhands
     temperature: float = 1.0
     command_timeout_s: int = 30
     events: bool = False
@@ -59,10 +63,11 @@ class AgentBenchPlan(ServerOptions):
     def __post_init__(self) -> None:
         if self.framework not in FRAMEWORKS:
             raise UsageError(f"--agents {self.framework}: choose one of {', '.join(FRAMEWORKS)}")
-        if self.framework == "openhands":
+        kv = self.kv_tokens
+        if self.framework == "openhands" and kv is not None and kv < OPENHANDS_MIN_KV:
             raise UsageError(
-                "--agents openhands is not wired into the benchmark yet (OpenHands runs in its "
-                "own Python 3.12 venv, scripts/setup_openhands.sh): use --agents miniswe"
+                f"--agents openhands with --kv-tokens {kv}: OpenHands' system prompt and tools "
+                f"are ~6,100 tokens a session; give --kv-tokens {OPENHANDS_MIN_KV} or more"
             )
 
     def task_set(self, seed: int) -> list[Task]:
@@ -75,12 +80,12 @@ class AgentBenchPlan(ServerOptions):
         return tasks[: self.task_count] if self.task_count else tasks
 
     def settings(self, seed: int) -> AgentSettings:
-        from mars.agents.taskrun import AgentSettings
+        from mars.agents.fleet import AgentSettings
 
         return AgentSettings(
             step_limit=self.step_limit,
             time_limit_s=self.time_limit_s,
-            max_tokens=self.max_tokens,
+            max_tokens=self.max_tokens or (128 if self.framework == "openhands" else 48),
             temperature=self.temperature,
             command_timeout_s=self.command_timeout_s,
             seed=seed,
@@ -88,6 +93,8 @@ class AgentBenchPlan(ServerOptions):
 
     def seeded_serve_args(self, policy: str, seed_roots: Sequence[Path]) -> list[str]:
         args = self.serve_args(policy)
+        if self.framework == "openhands":  # its tools run in local workspaces, not the API's
+            return args
         for root in sorted(set(seed_roots)):
             args += ["--seed-root", str(root)]
         return args
@@ -110,8 +117,17 @@ class AgentBench:
                 self.say(summary_line(result))
         return results
 
+    def runner(self, model: str, name: str) -> TaskRunner:
+        if self.plan.framework == "openhands":
+            from mars.agents.openhands_run import OpenHandsRunner
+
+            return OpenHandsRunner(model, self.plan.out / f"agents-{name}")
+        from mars.agents.taskrun import run_task
+
+        return run_task
+
     def run_one(self, policy: str, seed: int, tasks: Sequence[Task]) -> dict[str, Any]:
-        from mars.agents.taskrun import AgentFleet
+        from mars.agents.fleet import AgentFleet
 
         self._runs += 1
         name = f"{self._runs:02d}-{policy}-seed{seed}"
@@ -122,14 +138,17 @@ class AgentBench:
             args += ["--events", str(self.plan.out / f"events-{name}.jsonl")]
         settings = self.plan.settings(seed)
         with mars_server(args, log) as base:
-            _check_tools(base, log)
+            if self.plan.framework == "miniswe":
+                _check_tools(base, log)
             model = get_json(f"{base}/v1/models")["data"][0]["id"]
+            run_task = self.runner(model, name)
             before = get_json(f"{base}/v1/kv_cache_stats")
             poller = _Poller(base)
             poller.start()
             on_done, close = self._progress(f"{policy} seed {seed}", len(tasks))
             try:
-                outcomes, wall = AgentFleet(base, self.plan.agents, settings).run(tasks, on_done)
+                fleet = AgentFleet(base, self.plan.agents, run_task, settings)
+                outcomes, wall = fleet.run(tasks, on_done)
             finally:
                 poller.stop()
                 close()

@@ -21,7 +21,8 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--agents",
         metavar="FRAMEWORK",
-        help="miniswe (mini-swe-agent 2.4.6, the `agents` extra); openhands is not wired yet",
+        help="miniswe (mini-swe-agent 2.4.6, the `agents` extra) or openhands (OpenHands SDK "
+        "1.58.2 in its own Python 3.12 venv: ./scripts/setup_openhands.sh, $MARS_OPENHANDS_VENV)",
     )
     g.add_argument(
         "--tasks",
@@ -43,7 +44,11 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         default=300,
         help="seconds per task; no model call starts after it (default 300)",
     )
-    g.add_argument("--max-tokens", type=positive_int, default=48, help="tokens per reply (48)")
+    g.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        help="tokens per reply (default 48 for miniswe, 128 for openhands: its tool calls' JSON)",
+    )
     g.add_argument(
         "--temperature",
         type=non_negative_float,
@@ -91,10 +96,15 @@ def run_agent_bench(args: argparse.Namespace) -> int:
         progress="off" if args.no_progress else ("bar" if sys.stderr.isatty() else "lines"),
     )
     plan.task_set(plan.seeds[0])  # bad tasks fail before any server starts
-    try:
-        import mars.agents.taskrun  # noqa: F401
-    except ImportError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+    if plan.framework == "openhands":
+        from mars.agents.openhands_run import openhands_python
+
+        openhands_python()  # a missing venv fails before any server starts
+    else:
+        try:
+            import mars.agents.taskrun  # noqa: F401
+        except ImportError as e:
+            raise UsageError(str(e).splitlines()[0]) from None
     results = AgentBench(plan, lambda line: print(line, flush=True)).run()
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = write_agent_report(results, out)

@@ -35,17 +35,31 @@ def _ratio(base: Sequence[dict[str, Any]], g: Sequence[dict[str, Any]], key: str
     return f"{a / b:.2f}x" if b > 0 else "-"
 
 
+_FRAMEWORKS = {  # the agent, and where its commands run
+    "miniswe": (
+        "mini-swe-agent's `DefaultAgent`, bundled `mini` config, tool calls",
+        "through the tools API",
+    ),
+    "openhands": (
+        "the OpenHands SDK's hello-world `Agent`: terminal and file-editor tools, every reply a "
+        "tool call",
+        "in a local copy of the task's repo",
+    ),
+}
+
+
 def setup_sentence(results: Sequence[dict[str, Any]]) -> str:
     w = results[0]["workload"] if results else {}
     s = w.get("agent_settings", {})
     seeds = sorted({r["workload"]["seed"] for r in results})
+    agent, tools = _FRAMEWORKS.get(w.get("framework", ""), ("?", "?"))
     return (
         f"Live `mars serve` (llama.cpp, {w.get('model')}, {w.get('kv_tokens')} KV tokens); "
-        f"{w.get('framework')} agents (mini-swe-agent's `DefaultAgent`, bundled `mini` config, "
-        f"tool calls), {w.get('agents')} in flight, {w.get('task_count')} tasks per run "
+        f"{w.get('framework')} agents ({agent}), {w.get('agents')} in flight, "
+        f"{w.get('task_count')} tasks per run "
         f"(`{w.get('tasks')}`), step limit {s.get('step_limit')}, time limit "
         f"{s.get('time_limit_s')} s, {s.get('max_tokens')} tokens per reply, temperature "
-        f"{s.get('temperature')}; every command a real process through the tools API; seeds "
+        f"{s.get('temperature')}; every command a real process {tools}; seeds "
         f"{seeds}. Task time: an agent's wall time from its start to its end. Values are means "
         "over seeds (± standard deviation)."
     )
