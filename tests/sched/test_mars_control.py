@@ -65,6 +65,24 @@ def test_balancer_orders_by_mode_and_parks_very_long_sessions() -> None:
     assert ids(order_sessions(q, BalancerMode.LONG_FIRST, 50_000)) == ["a", "b", "huge"]
 
 
+def test_the_balancer_ages_sizes_so_big_sessions_are_not_starved() -> None:
+    def order(mode: BalancerMode, now: float, aging_s: float | None = 60.0) -> list[str]:
+        # A big and a very long session queued at 0; a small one that arrives just now.
+        q = [_queued("big", 9000, 0.0), _queued("huge", 60_000, 0.0), _queued("new", 2000, now)]
+        return [s.session_id for s in order_sessions(q, mode, 50_000, now, aging_s)]
+
+    short, long_ = BalancerMode.SHORT_FIRST, BalancerMode.LONG_FIRST
+    assert order(short, 0.0) == ["new", "big", "huge"]
+    # After 300 s, 9,000 tokens rank as 1,500 and 60,000 as 10,000 (out of the tail).
+    assert order(short, 300.0) == ["big", "new", "huge"]
+    assert order(short, 1800.0) == ["big", "huge", "new"]  # 60,000 / 31 < 2,000
+    assert order(short, 1800.0, aging_s=None) == ["new", "big", "huge"]  # no aging
+    # Long first ages the other way (the sizes grow) and keeps the tail on the real size.
+    assert order(long_, 0.0) == ["big", "new", "huge"]
+    assert order(long_, 1800.0) == ["big", "new", "huge"]
+    assert order(long_, 0.0, aging_s=None) == ["big", "new", "huge"]
+
+
 def test_mars_picks_the_balancer_mode_from_its_signals() -> None:
     policy, _, _, _ = _bound(num_blocks=64)  # 256 tokens of KV
     small = [_queued("a", 40, 0.0), _queued("b", 30, 1.0)]

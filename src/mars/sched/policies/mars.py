@@ -109,6 +109,7 @@ class MarsPolicy(BasePolicy):
     # load balancer
     balancer = True
     long_session_tokens = 50_000
+    queue_aging_s = 60.0  # a session's size in the balancer's order halves per this wait; 0: off
     # opportunistic co-scheduler
     coschedule = True
     prefetch_s = 1.0  # restore a tool's session when its expected end is this close
@@ -401,7 +402,10 @@ class MarsPolicy(BasePolicy):
     def order_admission(self, queued: Sequence[Session]) -> Sequence[Session]:
         if not self.admission or not self.balancer:
             return queued
-        return order_sessions(queued, self.balancer_mode(queued), self.long_session_tokens)
+        mode = self.balancer_mode(queued)
+        return order_sessions(
+            queued, mode, self.long_session_tokens, self._now(), self.queue_aging_s
+        )
 
     def admit(self, session: Session) -> Admission:
         if not self.admission:
