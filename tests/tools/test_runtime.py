@@ -29,7 +29,8 @@ def test_runs_wait_only_for_a_worker_first_come_first_served() -> None:
             runs = [asyncio.create_task(rt.run(f"s{i}", "sleep 1", 10)) for i in range(4)]
             await asyncio.sleep(0.3)
             assert (rt.workers, rt.busy, rt.queued) == (2, 2, 2)
-            results.update(zip([f"s{i}" for i in range(4)], await asyncio.gather(*runs)))
+            done = await asyncio.gather(*runs)
+            results.update(zip([f"s{i}" for i in range(4)], done, strict=True))
             assert (rt.busy, rt.queued) == (0, 0)
 
     results: dict[str, ToolResult] = {}
