@@ -1,5 +1,5 @@
 """The `mars` command line: `mars serve`, `sim`, `capacity`, `sweep`, `bench`, `costmodel`,
-`calibrate`, `policies`."""
+`calibrate`, `timeline`, `policies`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from mars.sim.costmodel_cli import (
     positive_int,
     run_costmodel,
 )
+from mars.timeline.cli import add_timeline_parser, run_timeline
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_costmodel_parser(sub)
     add_calibrate_parser(sub)
+    add_timeline_parser(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
 
@@ -138,6 +140,12 @@ def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
     load.add_argument("--rate", type=positive_float, help="open loop: sessions arriving per second")
     load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
     p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument(
+        "--events",
+        metavar="FILE",
+        help="write the run's events as `mars serve --events` does (JSON lines; `time` and `ts` "
+        "are simulated seconds); draw them with `mars timeline FILE`",
+    )
 
 
 def _add_capacity(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -184,6 +192,12 @@ def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     p.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated seeds")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--no-timelines",
+        action="store_true",
+        help="skip the timeline of one run per policy (highest load, first seed): its events "
+        "in OUT/events-POLICY.jsonl and `mars timeline` PNG in OUT/timeline-POLICY.png",
+    )
 
 
 def _name_list(text: str) -> list[str]:
@@ -214,13 +228,14 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     args.seed, args.json_out, args.policy = args.seeds[0], None, args.policies[0]
     base = _spec(args, rate=1.0)
     for name in args.policies:  # every --set must name a parameter of every swept policy
-        make_policy(name, dict(base.policy_settings))
+        make_policy(name, dict(base.policy_settings), simulated=True)
     plan = SweepPlan(
         base,
         tuple(args.policies),
         tuple(args.seeds),
         tuple(args.rates or ()),
         tuple(args.loads or ()),
+        events_dir=None if args.no_timelines else out,
     )
     load_specs(base)  # a bad trace file fails before any run
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +304,7 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
         **load,
     )
     make_cost_model(spec)  # fail fast on a bad GPU/model or setting before reading traces
-    make_policy(spec.policy, dict(spec.policy_settings))
+    make_policy(spec.policy, dict(spec.policy_settings), simulated=True)
     if args.json_out:
         _check_writable(args.json_out)
     return spec
@@ -324,30 +339,44 @@ def run_capacity(args: argparse.Namespace) -> int:
 
 
 def run_sim(args: argparse.Namespace) -> int:
+    from mars.core.events import EventBus
+    from mars.sim.eventlog import EventLog
     from mars.sim.experiment import load_specs, run_experiment
 
     spec = _spec(args, rate=args.rate, arrival=args.arrival, concurrency=args.concurrency)
     specs = load_specs(spec)
+    if args.events:
+        _check_writable(args.events, "--events")
     bar = _progress(len(specs), enabled=not args.no_progress, unit="session")
-    result = run_experiment(spec, specs, progress=(lambda _r: bar.update(1)) if bar else None)
+    progress = (lambda _r: bar.update(1)) if bar else None
+    bus = EventBus()
+    log = EventLog(Path(args.events)).attach(bus) if args.events else None
+    try:
+        result = run_experiment(spec, specs, progress=progress, bus=bus)
+    finally:
+        if log is not None:
+            log.close()
     if bar:
         bar.close()
     print(format_summary(result))
+    if log is not None:
+        print(f"{log.count} events written to {args.events} (draw them: mars timeline FILE)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"result JSON written to {args.json_out}")
     return 0
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, option: str = "--json") -> None:
     target = Path(path)
     parent = target.resolve().parent
     if target.is_dir():
-        raise UsageError(f"--json {path} is a directory; give a file name such as {path}/out.json")
+        example = f"{path}/out.json" if option == "--json" else f"{path}/events.jsonl"
+        raise UsageError(f"{option} {path} is a directory; give a file name such as {example}")
     if not parent.is_dir():
-        raise UsageError(f"--json {path}: directory {parent} does not exist")
+        raise UsageError(f"{option} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"--json {path}: not writable")
+        raise UsageError(f"{option} {path}: not writable")
 
 
 def _progress(total: int, enabled: bool, unit: str) -> Any:
@@ -410,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_costmodel(args)
         if args.command == "calibrate":
             return run_calibrate(args)
-        print("\n".join(policy_names()))
+        if args.command == "timeline":
+            return run_timeline(args)
+        for name in policy_names():
+            note = "  (simulator only: a clairvoyant bound, not a scheduler)"
+            print(name + (note if name == "oracle" else ""))
         return 0
     except UsageError as e:
         print(f"mars: error: {e}", file=sys.stderr)

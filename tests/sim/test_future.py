@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import pytest
 
 from factories import make_spec
+from mars.core.errors import UsageError
 from mars.core.events import (
     Event,
     RequestEmit,
@@ -27,6 +28,10 @@ from mars.sim.workload import SessionSpec, ToolSpec, TurnSpec
 from sim_helpers import COST, recorded
 
 # ---- policies cannot see the future ---------------------------------------------------------
+
+# `oracle` is exempt by name: a clairvoyant bound, handed the future on purpose (and refused by
+# every engine but the simulator).
+ONLINE = [name for name in policy_names() if name != "oracle"]
 
 FUTURE_TYPES = (SessionSpec, TurnSpec, ToolSpec)
 _ATOMS = (str, bytes, int, float, complex, bool, type(None), range)
@@ -181,7 +186,7 @@ def _agentic_specs(tail: int = 0) -> list[SessionSpec]:
     return specs
 
 
-@pytest.mark.parametrize("name", policy_names())
+@pytest.mark.parametrize("name", ONLINE)
 def test_policy_sees_only_the_past(name: str) -> None:
     specs = _agentic_specs()
     sim_ref: list[Simulation] = []
@@ -216,7 +221,7 @@ def test_the_walk_finds_future_objects() -> None:
     assert any(isinstance(o, SessionSpec) for o in reachable([sim.policy]))
 
 
-@pytest.mark.parametrize("name", policy_names())
+@pytest.mark.parametrize("name", ONLINE)
 def test_decisions_do_not_depend_on_future_turns(name: str) -> None:
     def run(tail: int) -> list[Event]:
         # Every variant fits (max context 5724), so none is rejected up front.
@@ -237,3 +242,18 @@ def test_decisions_do_not_depend_on_future_turns(name: str) -> None:
     assert before == [e for e in changed if e.time < cut]
     assert len(before) > 50
     assert base != changed
+
+
+def test_only_the_simulator_runs_the_oracle_and_it_reads_the_future() -> None:
+    with pytest.raises(UsageError, match="bound for the simulator"):
+        make_policy("oracle")  # what mars serve, the gateway and the vLLM plug-in call
+    specs = _agentic_specs()
+    oracle = make_policy("oracle", simulated=True)
+    config = SimConfig(kv_tokens=3072, tool_cores=2, max_num_batched_tokens=1024)
+    out = Simulation(specs, oracle, COST, Arrivals(concurrency=4), config).run()
+    assert all(r.done_s is not None for r in out.records)
+    future = oracle.future  # type: ignore[attr-defined]
+    assert set(future) == {s.session_id for s in specs}
+    spec = specs[0]
+    assert future[spec.session_id].tool_time_s == tuple(t.tool_time_s for t in spec.turns)
+    assert future[spec.session_id].peak_context(0) == spec.max_context

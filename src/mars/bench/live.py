@@ -7,7 +7,9 @@ the busy loop of CPU-heavy tool steps is calibrated on an idle core, and the fir
 probed once, idle, for the rates behind the ideal times (`mars.agents.probe`). `load` is a
 fraction of the live fcfs capacity, measured first in closed loop at a few concurrencies (the
 whole curve is kept, as in `mars sweep`). KV counters are the server's `/v1/kv_cache_stats`,
-taken before and after the replay and subtracted (the probe's calls are not counted).
+taken before and after the replay and subtracted (the probe's calls are not counted). Each
+policy's run on the first seed keeps its server's events (`mars serve --events`) for the
+report's timeline; `events` keeps every run's.
 
 `mars.bench` imports no HTTP client (tests/test_imports.py): the agents are imported when a run
 starts.
@@ -96,7 +98,7 @@ class LivePlan(ServerOptions):
     tool_stats: str | None = None
     client_tools: bool = False  # wait tool time on the client instead of the tools API
     capacity_concurrencies: tuple[int, ...] = CAPACITY_CONCURRENCIES
-    events: bool = False  # keep each run's event stream beside its server log
+    events: bool = False  # keep every run's event stream beside its server log
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -129,6 +131,8 @@ class LiveBench:
     cpu: CpuCalibration | None = None
     rates: EngineRates | None = None
     _runs: int = field(default=0, init=False)
+    # policy -> the events of its first seed's run (drawn as the report's timeline)
+    _events: dict[str, Path] = field(default_factory=dict, init=False)
 
     def run(self) -> SweepResult:
         from mars.agents.cpuwork import calibrate
@@ -157,11 +161,14 @@ class LiveBench:
         for seed in plan.seeds:
             specs = load_specs(plan.spec(seed))
             for policy in plan.policies:
-                r = self.run_one(policy, seed, specs, rate=rate, concurrency=plan.concurrency)
+                keep = seed == plan.seeds[0]
+                r = self.run_one(
+                    policy, seed, specs, rate=rate, concurrency=plan.concurrency, timeline=keep
+                )
                 r["load"] = plan.load
                 results.append(r)
                 self.say(_line(r))
-        return SweepResult(curve, cap, results)
+        return SweepResult(curve, cap, results, dict(self._events))
 
     def capacity(self) -> list[CurvePoint]:
         """fcfs in closed loop at each concurrency, on the first seed's workload."""
@@ -184,7 +191,9 @@ class LiveBench:
         *,
         rate: float | None = None,
         concurrency: int | None = None,
+        timeline: bool = False,
     ) -> dict[str, Any]:
+        """One run on a fresh server; with `timeline` (or --events) its events are kept."""
         from mars.agents.probe import ideal_time, probe_rates, tools_api_status
         from mars.agents.replay import ReplayConfig
 
@@ -192,8 +201,11 @@ class LiveBench:
         name = f"{self._runs:02d}-{policy}-seed{seed}"
         log = self.plan.out / f"serve-{name}.log"
         args = self.plan.serve_args(policy)
-        if self.plan.events:
-            args += ["--events", str(self.plan.out / f"events-{name}.jsonl")]
+        if self.plan.events or timeline:
+            events = self.plan.out / f"events-{name}.jsonl"
+            args += ["--events", str(events)]
+            if timeline:
+                self._events[policy] = events
         with mars_server(args, log) as base:
             if self.rates is None:
                 self.rates = asyncio.run(probe_rates(base))

@@ -11,6 +11,7 @@ from typing import Any
 
 from mars.bench.capacity import format_curve
 from mars.bench.sweep import SweepResult
+from mars.timeline.report import draw_timelines, timeline_section
 
 GOODPUT_TARGET = 0.9  # goodput capacity: the highest rate with >= 90% of sessions within 3x ideal
 
@@ -201,6 +202,8 @@ def write_report(sweep: SweepResult, out: Path) -> Path:
         "Plots: `latency.png`, `goodput.png`, `throughput.png`, `kv_usage.png`, and "
         "`admission_window.png` where a policy keeps an admission window.",
     ]
+    which = "The first seed's run" if live else "The run at the highest load, first seed"
+    lines += timeline_section(sweep.events, out, which)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -247,7 +250,8 @@ def _against_best(
 ) -> list[str]:
     """`mars` against the best other policy at each point (by mean latency; ablations are not
     others), with fcfs's p99 slowdown beside mars's: the floors of the issue at a glance."""
-    others = [p for p in policies if not p.startswith("mars")]
+    # Ablations are not others, and the clairvoyant bound is no baseline.
+    others = [p for p in policies if not p.startswith("mars") and p != "oracle"]
     if "mars" not in policies or not others:
         return []
     lines = [
@@ -329,7 +333,7 @@ def write_plots(sweep: SweepResult, out: Path) -> list[Path]:
     top = xs[-1] if xs else None
     runs = {p: g[0] for p in policies if (g := groups.get((p, top), []) if top is not None else [])}
     paths += plot_over_time(runs, out, "seconds, simulated or live (highest load, first seed)")
-    return paths
+    return paths + draw_timelines(sweep.events, out)
 
 
 def plot_over_time(runs: dict[str, dict[str, Any]], out: Path, xlabel: str) -> list[Path]:

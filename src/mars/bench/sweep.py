@@ -4,15 +4,20 @@ Capacity is the peak steady throughput `fcfs` reaches in closed loop over 8..128
 sessions (the whole curve is kept: past its peak fcfs thrashes). `--loads` are fractions of that
 peak, turned into Poisson arrival rates; `--rates` are taken as given. Every (policy, rate, seed)
 runs the same workload sample and arrival times for that seed, and shares its ideal times.
+With `events_dir`, one run per policy (the highest rate, the first seed: the runs the over-time
+plots show) writes its event stream there, `events-POLICY.jsonl`, for `mars timeline`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from mars.bench.capacity import CONCURRENCIES, CurvePoint, capacity_curve, peak
+from mars.core.events import EventBus
+from mars.sim.eventlog import EventLog
 from mars.sim.experiment import (
     SimSpec,
     load_specs,
@@ -31,6 +36,7 @@ class SweepPlan:
     seeds: tuple[int, ...]
     rates: tuple[float, ...] = ()  # sessions/s, or
     loads: tuple[float, ...] = ()  # fractions of fcfs capacity
+    events_dir: Path | None = None  # where one run per policy writes its events
 
     @property
     def runs(self) -> int:
@@ -42,6 +48,7 @@ class SweepResult:
     capacity: list[CurvePoint] | None
     capacity_per_s: float | None
     results: list[dict[str, Any]]
+    events: dict[str, Path] = field(default_factory=dict)  # policy -> one run's events file
 
 
 def unstable(result: dict[str, Any]) -> bool:
@@ -76,6 +83,7 @@ def run_sweep(
         rates = [f * cap for f in plan.loads]
         labels = list(plan.loads)
     results = []
+    events: dict[str, Path] = {}
     cost = make_cost_model(plan.base)
     for seed in plan.seeds:
         first = replace(plan.base, seed=seed, rate=rates[0], concurrency=None)
@@ -84,11 +92,18 @@ def run_sweep(
         for rate, load in zip(rates, labels, strict=True):
             for policy in plan.policies:
                 spec = replace(first, policy=policy, rate=rate)
-                result = run_experiment(spec, specs, ideal=ideal)
+                shown = seed == plan.seeds[0] and rate == rates[-1]
+                if shown and plan.events_dir is not None:  # the run the over-time plots show
+                    bus, path = EventBus(), plan.events_dir / f"events-{policy}.jsonl"
+                    with EventLog(path).attach(bus):
+                        result = run_experiment(spec, specs, ideal=ideal, bus=bus)
+                    events[policy] = path
+                else:
+                    result = run_experiment(spec, specs, ideal=ideal)
                 result["load"] = load
                 result["rate"] = rate
                 result["unstable"] = unstable(result)
                 results.append(result)
                 if on_run is not None:
                     on_run(result)
-    return SweepResult(curve, cap, results)
+    return SweepResult(curve, cap, results, events)

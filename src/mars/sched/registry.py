@@ -20,6 +20,8 @@ _BUILTIN: dict[str, str] = {
     "mars-no-priority": "mars.sched.policies.mars:MarsNoPriority",
     "mars-no-admission": "mars.sched.policies.mars:MarsNoAdmission",
     "mars-no-retention": "mars.sched.policies.mars:MarsNoRetention",
+    # A clairvoyant bound for the simulator, not a baseline: it reads each session's future.
+    "oracle": "mars.sched.policies.oracle:OraclePolicy",
 }
 _registered: dict[str, Callable[[], Policy]] = {}
 
@@ -43,8 +45,11 @@ def check_policy(name: str) -> None:
         raise UsageError(f"unknown policy {name!r}; valid policies: {', '.join(policy_names())}")
 
 
-def make_policy(name: str, settings: Mapping[str, object] | None = None) -> Policy:
-    """A fresh policy; `settings` override its parameters (`--set key=value`)."""
+def make_policy(
+    name: str, settings: Mapping[str, object] | None = None, *, simulated: bool = False
+) -> Policy:
+    """A fresh policy; `settings` override its parameters (`--set key=value`). A clairvoyant
+    one (`oracle`) only where `simulated`: nothing else has the future it reads."""
     if name in _registered:
         policy = _registered[name]()
     else:
@@ -56,6 +61,11 @@ def make_policy(name: str, settings: Mapping[str, object] | None = None) -> Poli
         module, _, attr = target.partition(":")
         factory: Callable[[], Policy] = getattr(importlib.import_module(module), attr)
         policy = factory()
+    if getattr(policy, "clairvoyant", False) and not simulated:
+        raise UsageError(
+            f"policy {name!r} reads each session's future calls and tool times: it is a bound "
+            "for the simulator (mars sim, sweep, capacity), not a scheduler; choose another"
+        )
     for key, value in (settings or {}).items():
         _set(policy, key, value)
     return policy
@@ -72,7 +82,8 @@ def parameters(policy: Policy) -> dict[str, object]:
 
 
 _SETTABLE = (bool, int, float, tuple)
-_FIXED = ("name", "fast_forward_ok")  # properties of the implementation, not parameters
+# Properties of the implementation, not parameters.
+_FIXED = ("name", "fast_forward_ok", "clairvoyant")
 
 
 def _set(policy: Policy, key: str, value: object) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from mars.bench.metrics import SessionResult, result_json
 from mars.core.errors import UsageError
+from mars.core.events import EventBus
 from mars.sched.policies.fcfs import FCFSPolicy
 from mars.sched.registry import make_policy, parameters
 from mars.sim.arrivals import arrival_times
@@ -155,13 +156,15 @@ def run_experiment(
     specs: Sequence[SessionSpec] | None = None,
     progress: Callable[[SessionRecord], None] | None = None,
     ideal: dict[str, float] | None = None,
+    bus: EventBus | None = None,
 ) -> dict[str, Any]:
-    """Run `spec` and return the result JSON (DESIGN.md section 5)."""
+    """Run `spec` and return the result JSON (DESIGN.md section 5); the run publishes its
+    events on `bus` (`mars sim --events`), the ideal runs on none."""
     t0 = time.perf_counter()
     if specs is None:
         specs = load_specs(spec)
     cost = make_cost_model(spec)
-    policy = make_policy(spec.policy, dict(spec.policy_settings))
+    policy = make_policy(spec.policy, dict(spec.policy_settings), simulated=True)
     config = SimConfig(
         tool_cores=spec.tool_cores,
         tool_workers=spec.tool_workers,
@@ -180,7 +183,7 @@ def run_experiment(
     else:
         assert spec.concurrency is not None
         arrivals = Arrivals(concurrency=spec.concurrency)
-    outcome = Simulation(specs, policy, cost, arrivals, config, on_session_done=progress).run()
+    outcome = Simulation(specs, policy, cost, arrivals, config, bus, progress).run()
     if ideal is None:
         ideal = workload_ideals(spec, specs, cost)
     wall_s = time.perf_counter() - t0

@@ -148,6 +148,23 @@ class _Agent:
         self.enqueued_s = 0.0  # when its current tool asked for a worker
 
 
+def foresee(policy: Policy, specs: Sequence[SessionSpec]) -> None:
+    """Give a clairvoyant policy every session's future (only the simulator has one)."""
+    from mars.sched.policies.oracle import OraclePolicy, SessionFuture
+
+    assert isinstance(policy, OraclePolicy)
+    policy.foresee(
+        {
+            s.session_id: SessionFuture(
+                tuple(t.context_tokens for t in s.turns),
+                tuple(t.new_prompt_tokens + t.output_tokens for t in s.turns),
+                tuple(t.tool_time_s for t in s.turns),
+            )
+            for s in specs
+        }
+    )
+
+
 class Simulation:
     def __init__(
         self,
@@ -188,6 +205,8 @@ class Simulation:
             config.tool_workers or config.tool_cores,
         )
         self.policy = policy
+        if getattr(policy, "clairvoyant", False):  # the `oracle` bound: hand it the future
+            foresee(policy, self.specs)
         # An engine whose attention scans every used cell (llama.cpp) slows with the cached
         # sessions' KV too; its steps then depend on the cache, not only on the batch, so the
         # decode stretches are stepped one by one.

@@ -235,6 +235,11 @@ class MarsPolicy(BasePolicy):
                 return mean
         return 1.0
 
+    def time_away(self, session: Session, req: Request) -> float:
+        """Seconds until the session calls again after `req`, as retention weighs it."""
+        assert req.next_tool is not None
+        return self.expected_away(req.next_tool)
+
     def retention(self, session: Session, req: Request) -> Retention:
         assert self.ctx is not None
         timer = self.ctx.timer
@@ -250,7 +255,7 @@ class MarsPolicy(BasePolicy):
         # restoring concern only the tokens after it.
         base = min(kv.shared_prefix_tokens(session.session_id), c)
         own = c - base
-        expected = self.expected_away(req.next_tool)
+        expected = self.time_away(session, req)
         recompute = timer.step_seconds(1, own, (c * (c + 1) - base * (base + 1)) // 2, c)
         host_room = kv.config.host_capacity_tokens - kv.host_used_tokens >= c
         restore = timer.transfer_seconds(own) if host_room else math.inf
