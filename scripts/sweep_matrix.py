@@ -52,6 +52,8 @@ def _sweep(traces: str, sessions: int, out: Path, case: tuple[str, list[str], st
         sys.executable, "-m", "mars", "sweep", "--traces", traces, "--sessions", str(sessions),
         "--seeds", "1,2,3", "--loads", loads, "--policies", policies, "--no-progress",
         "--out", str(dest), *extra,
+        # A timeline per policy (~20 MB of events each) for the main setting only.
+        *([] if name == "main" else ["--no-timelines"]),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return f"{name}: {time.perf_counter() - t0:.0f} s"
