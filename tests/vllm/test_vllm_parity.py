@@ -32,8 +32,7 @@ pytest.importorskip(
     "vllm.v1.core.sched.scheduler", reason="vLLM is not installed: run scripts/test_vllm.sh"
 )
 
-from vllm.v1.outputs import ModelRunnerOutput
-from vllm_harness import make_request, make_scheduler, write_model
+from vllm_harness import make_request, make_scheduler, model_output, write_model
 
 from mars.core.clock import SimClock
 from mars.core.events import EventBus
@@ -110,12 +109,7 @@ def run_vllm(model, policy: str) -> tuple[list[str], list[Step]]:
             for rid in ids:
                 req = s.requests[rid]
                 sampled.append([TOKEN] if req.num_computed_tokens >= req.num_tokens else [])
-            result = ModelRunnerOutput(
-                req_ids=ids,
-                req_id_to_index={r: i for i, r in enumerate(ids)},
-                sampled_token_ids=sampled,
-            )
-            s.update_from_output(out, result)
+            s.update_from_output(out, model_output(ids, sampled))
         else:
             raise AssertionError("vLLM: requests did not finish")
     s.shutdown()

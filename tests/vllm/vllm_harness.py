@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -52,9 +52,10 @@ def make_scheduler(
     events: Path | None = None,
     full_isl: bool = True,
     long_prefill: int = 0,
+    **config: Any,
 ) -> Any:
     """A MarsScheduler over `num_blocks` KV blocks of 16 tokens; `model_dir` needs only a
-    config.json (`write_model`)."""
+    config.json (`write_model`). `config`: more `SchedulerConfig` fields (`async_scheduling`)."""
     from mars.vllm.scheduler import MarsScheduler
 
     env = {"MARS_POLICY": policy, "MARS_POLICY_SETTINGS": settings}
@@ -64,7 +65,14 @@ def make_scheduler(
     os.environ.update(env)
     try:
         return _build(
-            MarsScheduler, model_dir, num_blocks, budget, max_num_seqs, full_isl, long_prefill
+            MarsScheduler,
+            model_dir,
+            num_blocks,
+            budget,
+            max_num_seqs,
+            full_isl,
+            long_prefill,
+            config,
         )
     finally:
         for k, v in saved.items():
@@ -87,6 +95,7 @@ def _build(
     max_num_seqs: int,
     full_isl: bool,
     long_prefill: int,
+    config_fields: dict[str, Any],
 ) -> Any:
     model = ModelConfig(
         model=str(model_dir), skip_tokenizer_init=True, max_model_len=4096, dtype="float32"
@@ -101,9 +110,17 @@ def _build(
         # runs out mid-prefill, and neither chunk shrinking nor preemption can be seen.
         scheduler_reserve_full_isl=full_isl,
         long_prefill_token_threshold=long_prefill,  # vLLM's own per-request chunk cap
+        **config_fields,
     )
     cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=True)
-    config = VllmConfig(scheduler_config=sched, model_config=model, cache_config=cache)
+    config = VllmConfig(
+        scheduler_config=sched,
+        model_config=model,
+        cache_config=cache,
+        device_config=DeviceConfig(device="cpu"),
+    )
+    if "async_scheduling" in config_fields:  # what a GPU deployment decides (CPU: off)
+        config.scheduler_config.async_scheduling = config_fields["async_scheduling"]
     config.cache_config.num_gpu_blocks = num_blocks
     kv = KVCacheConfig(
         num_blocks=num_blocks,
@@ -131,13 +148,20 @@ _hasher = get_request_block_hasher(BLOCK, sha256)
 
 
 def make_request(
-    rid: str, num_tokens: int, max_tokens: int = 4, prefix: list[int] | None = None, **xargs: Any
+    rid: str,
+    num_tokens: int,
+    max_tokens: int = 4,
+    prefix: list[int] | None = None,
+    vllm_session: str | None = None,
+    **xargs: Any,
 ) -> Request:
-    """A request of `num_tokens` prompt tokens (starting with `prefix`), extras from `xargs`."""
+    """A request of `num_tokens` prompt tokens (starting with `prefix`), extras from `xargs`;
+    `vllm_session` is vLLM's own `Request.session_id` (what its API server reads from the
+    `session_id` body field or the `X-Session-ID` header)."""
     tokens = list(prefix or [])
     tokens += [(hash(rid) + i) % 200 + 1 for i in range(num_tokens - len(tokens))]
     params = SamplingParams(max_tokens=max_tokens, extra_args=xargs or None)
-    return Request(rid, tokens, params, None, block_hasher=_hasher)
+    return Request(rid, tokens, params, None, block_hasher=_hasher, session_id=vllm_session)
 
 
 def step(sched: Any, token: int = 7) -> SchedulerOutput:
@@ -148,8 +172,13 @@ def step(sched: Any, token: int = 7) -> SchedulerOutput:
     for rid in ids:
         req = sched.requests[rid]
         sampled.append([token] if req.num_computed_tokens >= req.num_tokens else [])
-    result = ModelRunnerOutput(
-        req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled
-    )
-    sched.update_from_output(out, result)
+    sched.update_from_output(out, model_output(ids, sampled))
     return out
+
+
+def model_output(ids: list[str], sampled: list[list[int]]) -> ModelRunnerOutput:
+    """A step's model output: `sampled[i]`, the tokens request `ids[i]` sampled."""
+    fields: dict[str, Any] = {"req_ids": ids, "sampled_token_ids": sampled}
+    if "req_id_to_index" in ModelRunnerOutput.__dataclass_fields__:  # gone in vLLM 0.34
+        fields["req_id_to_index"] = {r: i for i, r in enumerate(ids)}
+    return ModelRunnerOutput(**fields)

@@ -11,19 +11,27 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from mars.control.admission import Overloaded
+from mars.core.request import Request as Call
 from mars.gateway.control import Control
 from mars.gateway.proxy import Extras, Proxy
 from mars.server.disconnect import unless_gone
 from mars.server.protocol import APIError, _Body
 from mars.server.responses import Activity, overloaded
 from mars.server.sessions import func_calls, is_last_step, session_of
+
+
+@runtime_checkable
+class _Leveled(Protocol):
+    """A policy with queue levels, lower first (mars, autellix): vLLM's priority order."""
+
+    def level(self, req: Call) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,11 @@ class Calls:
         session = self.control.sessions[sid]
         tokens, limit = info.prompt_tokens, info.max_tokens or 256
         turn = self.control.begin_turn(session, tokens, limit, extras.last_func_call)
+        policy = self.control.policy
+        if isinstance(policy, _Leveled):
+            # The level the call starts at (under mars: a session's continuation 0, a new
+            # session's first call 1); vLLM fixes a priority at arrival.
+            extras = replace(extras, priority=policy.level(turn))
         self.activity.begin(sid)
         finished = False
 

@@ -2,10 +2,11 @@
 
 vLLM's requests are mirrored by mars `Request`s carrying the fields policies read (token counts,
 status, arrival, first schedule, turn index, the tool the call asked for), grouped into `Session`s
-by the session id in the request's extras (`vllm_xargs`). Tool phases are inferred: the time
-between a session's call finishing and its next call arriving is published as a `ToolEnd`, so
-policies learn tool durations as they do in mars's own engine. The KV pool is seen through
-`PoolView`; the step time through `OnlineStepTimer`, learned from the engine's own steps.
+by vLLM's `Request.session_id`, else the session id in the request's extras (`vllm_xargs`). Tool
+phases are inferred: the time between a session's call finishing and its next call arriving is
+published as a `ToolEnd`, so policies learn tool durations as they do in mars's own engine. The
+KV pool is seen through `PoolView`; the step time through `OnlineStepTimer`, learned from the
+engine's own steps.
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ class Markers:
     last_func_call: str | None = None  # the tool whose result this call's prompt carries
 
     @classmethod
-    def from_extra_args(cls, extra: Mapping[str, object] | None) -> Markers:
+    def from_extra_args(
+        cls, extra: Mapping[str, object] | None, session_id: str | None = None
+    ) -> Markers:
+        """`session_id` is vLLM's own (`Request.session_id`, vLLM >= 0.28): it wins over the
+        extras' `session_id` and `job_id`."""
         extra = extra or {}
-        sid = extra.get("session_id") or extra.get("job_id")
+        sid = session_id or extra.get("session_id") or extra.get("job_id")
         last = extra.get("is_last_step")
         return cls(
             session_id=_name(sid),

