@@ -336,7 +336,7 @@ async def replay_sampled(
                 last_ok = loop.time()
                 usage = v.get("vllm:kv_cache_usage_perc", 0.0)
                 waiting = v.get("vllm:num_requests_waiting", 0.0)
-                queued = g.get("mars_gateway_queued", 0.0)
+                queued = g.get("mars:gateway_admission_queued_sessions", 0.0)
                 samples.append([round(last_ok - t0, 2), usage, waiting, queued])
             await asyncio.sleep(SAMPLE_S)
 

@@ -25,6 +25,7 @@ pytest.importorskip(
     exc_type=ImportError,
 )
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving import ROOT, free_port
 
@@ -137,9 +138,14 @@ def test_sessions_stick_to_a_replica_and_new_ones_spread(gw: str, replicas: list
     assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(prompt)
     assert placed(gw) == {"s1": home, "s2": other.headers["x-mars-upstream"]}
     metrics = httpx.get(f"{gw}/metrics", timeout=10).text
-    assert f'mars_gateway_upstream_up{{upstream="{replicas[0]}"}} 1' in metrics
-    assert "mars_gateway_window " in metrics and "mars_gateway_upstream_kv_usage{" in metrics
-    assert 'mars_events_total{event="session_admitted"}' in metrics
+    assert f'mars:gateway_upstream_up{{upstream="{replicas[0]}"}} 1.0' in metrics
+    assert "mars:gateway_admission_window_sessions " in metrics
+    assert "mars:gateway_upstream_kv_cache_usage_perc{" in metrics
+    assert 'mars:gateway_events_total{event="session_admitted",' in metrics
+    # Each upstream's own page is passed on, labelled with it, in valid exposition format.
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    running = families["vllm:num_requests_running"].samples
+    assert {s.labels["upstream"] for s in running} == set(replicas)
     end(gw, "s1", "s2")
     assert placed(gw) == {}
 
@@ -221,7 +227,7 @@ def test_a_tiny_window_queues_then_refuses(replicas: list[str]) -> None:
         waiters = [threading.Thread(target=wait), threading.Thread(target=stream)]
         for i, waiter in enumerate(waiters, 1):
             waiter.start()
-            queued = f"mars_gateway_queued {i}"
+            queued = f"mars:gateway_admission_queued_sessions {i}.0"
             wait_for(lambda q=queued: q in httpx.get(f"{base}/metrics", timeout=10).text)
         refused = complete(base, "refused", [6])
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
@@ -269,11 +275,11 @@ def test_a_killed_replicas_sessions_go_on_elsewhere(gw: str, procs: list[Proc]) 
     assert again.headers["x-mars-upstream"] != victim  # a cold prefill on the survivor
     assert placed(gw)["k1"] != victim
     metrics = httpx.get(f"{gw}/metrics", timeout=10).text
-    assert f'mars_gateway_upstream_up{{upstream="{victim}"}} 0' in metrics
-    assert "mars_gateway_sessions_moved_total 1" in metrics
+    assert f'mars:gateway_upstream_up{{upstream="{victim}"}} 0.0' in metrics
+    assert "mars:gateway_sessions_moved_total 1.0" in metrics
     # The replica restarts (the session table is the gateway's): it is back once healthy, and
     # takes the next new session (it has none).
     index = next(i for i, p in enumerate(procs) if p.base == victim)
     procs[index] = start(*REPLICA, port=int(victim.rsplit(":", 1)[1]))
-    wait_for(lambda: f'up{{upstream="{victim}"}} 1' in httpx.get(f"{gw}/metrics").text)
+    wait_for(lambda: f'up{{upstream="{victim}"}} 1.0' in httpx.get(f"{gw}/metrics").text)
     assert complete(gw, "k3", [2, 7]).headers["x-mars-upstream"] == victim

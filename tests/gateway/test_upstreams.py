@@ -20,17 +20,23 @@ vllm:num_requests_waiting{engine="1",model_name="qwen"} 1.0
 vllm:num_requests_running{engine="0",model_name="qwen"} 7.0
 vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="1000"} 1.0
 """
-MARS = "mars_kv_tokens 8192\nmars_kv_usage 0.5\nmars_waiting 2\nmars_admission_queued 1\n"
+MARS = """\
+vllm:kv_cache_usage_perc{engine="0",model_name="smol"} 0.5
+vllm:num_requests_waiting{engine="0",model_name="smol"} 2.0
+mars:admission_queued_sessions{model_name="smol"} 1.0
+vllm:cache_config_info{block_size="1",engine="0",num_gpu_blocks="8192"} 1.0
+"""
 
 
 def test_metrics_of_vllm_old_vllm_mars_and_others() -> None:
-    assert parse_metrics(VLLM, "vllm") == Signal(0.5, 16000, 4, 7)
+    assert parse_metrics(VLLM) == Signal(0.5, 16000, 4, 7)
     old = 'vllm:gpu_cache_usage_perc{model_name="m"} 0.9\n'
-    assert parse_metrics(old, "vllm") == Signal(0.9, None, None, None)
-    assert parse_metrics(MARS, "openai") == Signal(0.5, 8192, 3, None)
-    assert parse_metrics(MARS, "vllm") == Signal()  # --engine vllm reads vLLM's names only
-    assert parse_metrics("python_gc_objects_collected_total 5\nbad line\n", "openai") == Signal()
-    assert parse_metrics("vllm:kv_cache_usage_perc NaN\n", "vllm") == Signal()
+    assert parse_metrics(old) == Signal(0.9, None, None, None)
+    # A mars serve publishes vLLM's names; its admission queue counts as waiting.
+    assert parse_metrics(MARS) == Signal(0.5, 8192, 3, None)
+    assert parse_metrics("mars_kv_usage 0.5\nmars_waiting 2\n") == Signal()  # the old names
+    assert parse_metrics("python_gc_objects_collected_total 5\nbad line\n") == Signal()
+    assert parse_metrics("vllm:kv_cache_usage_perc NaN\n") == Signal()
 
 
 def pool(n: int) -> Upstreams:

@@ -59,9 +59,10 @@ def delete(base: str, sid: str) -> None:
 
 
 def metric(base: str, name: str) -> float:
+    """The value of a family with one series (whatever its labels)."""
     for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
 
 
@@ -89,9 +90,9 @@ def test_queue_is_bounded_has_a_deadline_and_keeps_streams_alive(gated: str) -> 
 
     waiter, waiter2 = threading.Thread(target=stream), threading.Thread(target=plain)
     waiter.start()
-    wait_for(lambda: metric(gated, "mars_admission_queued") == 1)
+    wait_for(lambda: metric(gated, "mars:admission_queued_sessions") == 1)
     waiter2.start()
-    wait_for(lambda: metric(gated, "mars_admission_queued") == 2)
+    wait_for(lambda: metric(gated, "mars:admission_queued_sessions") == 2)
     # The queue is full: a new session is refused at once, a stream before its headers.
     refused = complete(gated, "refused", [6, 6])
     assert refused.status_code == 429, refused.text
@@ -157,7 +158,7 @@ def test_events_of_a_session_are_complete_and_ordered(gated: str, files: dict[st
     assert [e for e in logged if e["session_id"] == "ev"] == seen
     # Prometheus counts them by kind.
     text = httpx.get(f"{gated}/metrics", timeout=30).text
-    assert 'mars_events_total{event="session_done"}' in text
+    assert 'mars:events_total{event="session_done",' in text
 
 
 def test_recorded_trace_replays_in_the_simulator(gated: str, files: dict[str, Path]) -> None:
@@ -301,7 +302,7 @@ def test_sessions_that_never_end_do_not_lock_an_idle_server_out() -> None:
         assert r.status_code == 200, r.text
         assert time.monotonic() - t0 < 15  # admitted once the others went dormant, not at 20 s
         # Healthy and idle: the window grows back to its start.
-        wait_for(lambda: metric(base, "mars_admission_window") >= 30, timeout=30)
-        assert metric(base, "mars_running") == 0
+        wait_for(lambda: metric(base, "mars:admission_window_sessions") >= 30, timeout=30)
+        assert metric(base, "vllm:num_requests_running") == 0
     finally:
         server.close()

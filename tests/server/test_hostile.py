@@ -220,7 +220,7 @@ def test_sigterm_answers_a_running_tool_call_with_a_json_503() -> None:
         )
         call.start()
         deadline = time.monotonic() + 30
-        while 'mars_events_total{event="tool_start"} 1' not in httpx.get(f"{base}/metrics").text:
+        while 'mars:events_total{event="tool_start",' not in httpx.get(f"{base}/metrics").text:
             assert time.monotonic() < deadline, "the tool did not start"
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)

@@ -254,8 +254,9 @@ def test_models_stats_and_metrics(server: str) -> None:
     assert stats["kv_tokens"] == KV_TOKENS and stats["policy"] == "fcfs" and "kv_usage" in stats
     metrics = httpx.get(f"{server}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert "# TYPE mars_generated_tokens counter" in metrics.text
-    assert "# TYPE mars_kv_usage gauge" in metrics.text and "\nmars_running " in metrics.text
+    assert "# TYPE vllm:generation_tokens_total counter" in metrics.text
+    assert "# TYPE vllm:kv_cache_usage_perc gauge" in metrics.text
+    assert "\nvllm:num_requests_running{" in metrics.text
 
 
 def test_vllm_extensions(server: str) -> None:

@@ -11,25 +11,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mars.control.admission import AdmissionLimits
 from mars.core.clock import WallClock
 from mars.core.events import EventBus
 from mars.gateway.calls import CallInfo, Calls
 from mars.gateway.control import Control
+from mars.gateway.dashboard import gateway_gauges
+from mars.gateway.metrics import GatewayMetrics
 from mars.gateway.proxy import Proxy
-from mars.gateway.upstreams import Flavor, Replica, Upstreams
+from mars.gateway.upstreams import Flavor, Upstreams
 from mars.sched.registry import make_policy
 from mars.server.app import _Guard, install_error_handlers
+from mars.server.dashboard import dashboard_router
 from mars.server.eventstream import EventStream
+from mars.server.metrics import CONTENT_TYPE
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest
 from mars.server.responses import Activity
 from mars.server.sessions import chat_opening
@@ -69,6 +73,12 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
     activity = Activity()
     state: dict[str, _State] = {}
 
+    def view() -> tuple[Control, Upstreams] | None:
+        s = state.get("s")
+        return None if s is None else (s.control, s.upstreams)
+
+    metrics_ = GatewayMetrics(view)  # /metrics
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         key = config.upstream_api_key
@@ -79,6 +89,7 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
         )
         bus = EventBus()
         bus.subscribe_all(events)
+        bus.subscribe_all(metrics_)
         policy = make_policy(config.policy, dict(config.settings))
         control = Control(policy, upstreams, config.limits, WallClock(), bus)
         proxy = Proxy(upstreams, client, config.upstream_timeout_s)
@@ -103,6 +114,11 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
     app.add_middleware(_Guard, keys=Keys({config.api_key: False}) if config.api_key else None)
 
     install_error_handlers(app)
+
+    def gauges() -> dict[str, Any]:
+        return gateway_gauges(state["s"].control, state["s"].upstreams)
+
+    app.include_router(dashboard_router(gauges))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -138,11 +154,8 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
         return {"object": "list", "data": rows, "sessions": placed}
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(
-            "\n".join(_prometheus(state["s"]) + events.prometheus()) + "\n",
-            media_type="text/plain; version=0.0.4",
-        )
+    async def metrics() -> Response:
+        return Response(metrics_.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -193,38 +206,6 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
         return await state["s"].calls.handle(body, request, info)
 
     return app
-
-
-def _prometheus(s: _State) -> list[str]:
-    window = getattr(s.control.policy, "window", None)
-    gauges = {
-        "window": int(window) if isinstance(window, int | float) else None,
-        "queued": len(s.control.queue),
-        "sessions": s.control.active,
-        "kv_usage": s.control.kv.usage,
-    }
-    lines = []
-    for key, value in gauges.items():
-        if value is not None:
-            lines += [f"# TYPE mars_gateway_{key} gauge", f"mars_gateway_{key} {value}"]
-    lines += ["# TYPE mars_gateway_sessions_moved_total counter"]
-    lines += [f"mars_gateway_sessions_moved_total {s.upstreams.moved}"]
-    per: dict[str, tuple[str, Callable[[Replica], float | None]]] = {
-        "up": ("gauge", lambda r: int(r.up)),
-        "kv_usage": ("gauge", lambda r: r.signal.kv_usage),
-        "waiting": ("gauge", lambda r: r.signal.waiting),
-        "running": ("gauge", lambda r: r.signal.running),
-        "sessions": ("gauge", lambda r: r.sessions),
-        "requests_total": ("counter", lambda r: r.requests),
-        "failures_total": ("counter", lambda r: r.failures_total),
-    }
-    for key, (kind, read) in per.items():
-        lines.append(f"# TYPE mars_gateway_upstream_{key} {kind}")
-        for r in s.upstreams.replicas:
-            value = read(r)
-            if value is not None:
-                lines.append(f'mars_gateway_upstream_{key}{{upstream="{r.url}"}} {value}')
-    return lines
 
 
 async def _reap_idle(control: Control, activity: Activity, timeout_s: float) -> None:

@@ -1,12 +1,13 @@
 """The upstream replicas: their health, the GPU signal scraped from their `/metrics`, and routing.
 
 Every `scrape_s` each replica's `/metrics` is read (falling back to `/health`, then `/v1/models`,
-for servers without one). The signal: KV usage, waiting and running requests, and KV capacity
-when the server says it (vLLM's `vllm:kv_cache_usage_perc` or, before v0.10,
-`vllm:gpu_cache_usage_perc`, `vllm:num_requests_waiting`, `vllm:num_requests_running`,
-`vllm:cache_config_info`; a `mars serve` upstream's `mars_kv_usage`, `mars_waiting` (plus its
-`mars_admission_queued`), `mars_running`, `mars_kv_tokens`). A server that publishes none of
-them has an unknown signal and is routed to by session count alone.
+for servers without one); the page is kept for the gateway's own `/metrics` to pass on. The
+signal: KV usage, waiting and running requests, and KV capacity when the server says it, in
+vLLM's names (`vllm:kv_cache_usage_perc` or, before v0.10, `vllm:gpu_cache_usage_perc`,
+`vllm:num_requests_waiting`, `vllm:num_requests_running`, `vllm:cache_config_info`), which a
+`mars serve` upstream publishes too; its waiting requests add its admission queue
+(`mars:admission_queued_sessions`). A server that publishes none of them has an unknown signal
+and is routed to by session count alone.
 
 A replica is down when it refuses connections, when its probe answers an error, or after
 `MAX_FAILURES` timeouts or broken answers in a row; the next probe that succeeds brings it back.
@@ -22,7 +23,6 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,15 +32,9 @@ Flavor = Literal["vllm", "openai"]
 MAX_FAILURES = 3  # timeouts or broken answers in a row before a replica is marked down
 USAGE_STEP = 0.05  # KV usage differences below this do not decide where a session goes
 
-_USAGE = {
-    "vllm": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-    "mars": ("mars_kv_usage",),
-}
-_WAITING = {
-    "vllm": ("vllm:num_requests_waiting",),
-    "mars": ("mars_waiting", "mars_admission_queued"),
-}
-_RUNNING = {"vllm": ("vllm:num_requests_running",), "mars": ("mars_running",)}
+_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # the first found
+_WAITING = ("vllm:num_requests_waiting", "mars:admission_queued_sessions")  # summed
+_RUNNING = ("vllm:num_requests_running",)
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 log = logging.getLogger("mars.gateway")
@@ -62,11 +56,9 @@ class Signal:
         return int(self.kv_tokens * (1.0 - (self.kv_usage or 0.0)))
 
 
-def parse_metrics(text: str, flavor: Flavor) -> Signal:
-    """The signal in a Prometheus text page. `vllm` reads vLLM's names only; `openai` also
-    reads a `mars serve` upstream's. Series of several engines (labels) are summed, usage is
-    averaged."""
-    families = ("vllm",) if flavor == "vllm" else ("vllm", "mars")
+def parse_metrics(text: str) -> Signal:
+    """The signal in a Prometheus text page, vLLM's or a `mars serve`'s (it publishes vLLM's
+    names). Series of several engines (labels) are summed, usage is averaged."""
     values: dict[str, list[float]] = {}
     kv_tokens: int | None = None
     for line in text.splitlines():
@@ -86,19 +78,12 @@ def parse_metrics(text: str, flavor: Flavor) -> Signal:
             if info.get("num_gpu_blocks", "").isdigit() and info.get("block_size", "").isdigit():
                 kv_tokens = int(info["num_gpu_blocks"]) * int(info["block_size"])
 
-    def first(table: Mapping[str, tuple[str, ...]], mean: bool = False) -> float | None:
-        for family in families:
-            found = [values[n] for n in table[family] if n in values]
-            if found:
-                if mean:
-                    return sum(found[0]) / len(found[0])
-                return sum(sum(v) for v in found)
-        return None
+    def total(names: tuple[str, ...]) -> float | None:
+        found = [sum(values[n]) for n in names if n in values]
+        return sum(found) if found else None
 
-    if "mars" in families and "mars_kv_tokens" in values:
-        kv_tokens = int(values["mars_kv_tokens"][0])
-    usage = first(_USAGE, mean=True)
-    waiting, running = first(_WAITING), first(_RUNNING)
+    usage = next((sum(values[n]) / len(values[n]) for n in _USAGE if n in values), None)
+    waiting, running = total(_WAITING), total(_RUNNING)
     return Signal(
         None if usage is None else min(1.0, max(0.0, usage)),
         kv_tokens,
@@ -119,6 +104,7 @@ class Replica:
     sessions: int = 0  # sessions routed here (sticky)
     requests: int = 0  # requests forwarded (counter)
     failures_total: int = 0  # counter
+    metrics_text: str = ""  # its last `/metrics` page ("" if it has none)
 
     def pressure(self) -> tuple[int, int, int]:
         usage = self.signal.kv_usage or 0.0
@@ -169,8 +155,8 @@ class Upstreams:
         if not r.is_success:
             detail = r.text.strip().replace("\n", " ")[:200]
             return self.failed(replica, f"GET {path} answered {r.status_code}: {detail}", True)
-        signal = parse_metrics(r.text, self.flavor) if path == "/metrics" else Signal()
-        self.succeeded(replica, signal)
+        replica.metrics_text = r.text if path == "/metrics" else ""
+        self.succeeded(replica, parse_metrics(replica.metrics_text))
 
     def failed(self, replica: Replica, error: str, fatal: bool = False) -> None:
         """A probe or a forwarded request failed; `fatal` (refused, or an error answer from

@@ -19,14 +19,16 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mars.engine.live import LiveEngine
 from mars.server import toolcalls
+from mars.server.dashboard import PAGES, dashboard_router, server_gauges
 from mars.server.disconnect import unless_gone
 from mars.server.eventstream import EventStream
+from mars.server.metrics import CONTENT_TYPE, ServerMetrics
 from mars.server.owners import Owners, tenant_of
 from mars.server.protocol import (
     APIError,
@@ -54,26 +56,6 @@ from mars.tools.runtime import ToolRuntime
 
 MAX_BODY_BYTES = 4 << 20
 MODEL_ALIASES = ("default", "mars")
-# engine.stats() keys that only grow (Prometheus counters); the others are gauges.
-_COUNTERS = frozenset(
-    {
-        "prefix_hit_tokens",
-        "prompt_tokens",
-        "recomputed_tokens",
-        "preemptions",
-        "evicted_tokens",
-        "evictions",
-        "offloads",
-        "restores",
-        "restore_fallbacks",
-        "copy_s",
-        "steps",
-        "generated_tokens",
-        "failed_steps",
-        "step_s",
-        "sched_s",
-    }
-)
 log = logging.getLogger("mars.server")
 access_log = logging.getLogger("mars.server.access")
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
@@ -104,7 +86,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.keys is not None and scope["path"] != "/health":
+        # The dashboard's static page and script hold no data: the page asks for the key.
+        if self.keys is not None and scope["path"] not in ("/health", *PAGES):
             tenant = self.keys.resolve(headers.get(b"authorization", b""))
             if tenant is None:
                 reply = error_response(
@@ -184,6 +167,8 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = await asyncio.to_thread(make_engine)
         eng.bus.subscribe_all(events)
+        state["metrics"] = ServerMetrics(eng.stats, names(eng)[0], eng.policy_name, eng.max_context)
+        eng.bus.subscribe_all(state["metrics"])
         if config.recorder is not None:
             eng.session_end_hooks.append(config.recorder)
         eng.start()
@@ -220,6 +205,7 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         return eng
 
     install_error_handlers(app)
+    app.include_router(dashboard_router(lambda: server_gauges(engine(), config.tools)))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -259,15 +245,9 @@ def create_app(make_engine: Callable[[], LiveEngine], config: ServerConfig) -> F
         return {"policy": eng.policy_name, **eng.stats()}
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        eng = engine()
-        lines = ["# TYPE mars_info gauge", f'mars_info{{policy="{eng.policy_name}"}} 1']
-        for key, value in eng.stats().items():
-            if isinstance(value, int | float):
-                kind = "counter" if key in _COUNTERS else "gauge"
-                lines += [f"# TYPE mars_{key} {kind}", f"mars_{key} {value}"]
-        lines += events.prometheus()
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        engine()
+        return Response(state["metrics"].exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/events")
     async def event_stream(request: Request, session_id: str | None = None) -> StreamingResponse:

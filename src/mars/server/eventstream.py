@@ -1,6 +1,6 @@
 """The unified event stream, served: every engine, control-plane and tool event (DESIGN.md section
-2) as JSON lines in a file (`--events FILE`), as server-sent events (`/v1/events`), and as
-per-kind Prometheus counters (`mars_events_total`).
+2) as JSON lines in a file (`--events FILE`) and as server-sent events (`/v1/events`). Their
+Prometheus counters (`mars:events_total`) are `mars.server.metrics`'.
 
 `EventStream` is subscribed to the engine's bus, so it sees events in the order the engine thread
 published them; it hands each one to asyncio subscribers through their loops. A slow subscriber
@@ -13,7 +13,6 @@ import asyncio
 import json
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
@@ -66,7 +65,7 @@ class Subscriber:
 
 
 class EventStream:
-    """Bus handler fanning events out to a JSONL file, SSE subscribers and counters."""
+    """Bus handler fanning events out to a JSONL file and SSE subscribers."""
 
     def __init__(self, path: Path | None = None) -> None:
         self._file: IO[str] | None = None
@@ -77,11 +76,9 @@ class EventStream:
                 raise ValueError(f"--events {path}: cannot write ({e.strerror})") from None
         self._subscribers: set[Subscriber] = set()
         self._lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
 
     def __call__(self, event: Event) -> None:
         record = {**event.to_json(), "ts": round(time.time(), 6)}
-        self.counts[event.kind] += 1
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
         with self._lock:
@@ -104,12 +101,6 @@ class EventStream:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
-
-    def prometheus(self) -> list[str]:
-        lines = ["# TYPE mars_events_total counter"]
-        for kind, n in sorted(self.counts.items()):
-            lines.append(f'mars_events_total{{event="{kind}"}} {n}')
-        return lines
 
     def sse(
         self,
