@@ -25,7 +25,7 @@ from mars.core.clock import WallClock
 from mars.core.events import EventBus
 from mars.gateway.calls import CallInfo, Calls
 from mars.gateway.control import Control
-from mars.gateway.dashboard import gateway_gauges
+from mars.gateway.dashboard import gateway_gauges, upstream_rows
 from mars.gateway.metrics import GatewayMetrics
 from mars.gateway.proxy import Proxy
 from mars.gateway.upstreams import Flavor, Upstreams
@@ -135,21 +135,7 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
     @app.get("/v1/upstreams")
     async def upstream_table() -> dict[str, Any]:
         s = state["s"]
-        rows = [
-            {
-                "url": r.url,
-                "up": r.up,
-                "error": r.error,
-                "sessions": r.sessions,
-                "requests": r.requests,
-                "failures": r.failures_total,
-                "kv_usage": r.signal.kv_usage,
-                "kv_tokens": r.signal.kv_tokens,
-                "waiting": r.signal.waiting,
-                "running": r.signal.running,
-            }
-            for r in s.upstreams.replicas
-        ]
+        rows = upstream_rows(s.upstreams)
         placed = {sid: r.url for sid in s.control.sessions if (r := s.upstreams.placed(sid))}
         return {"object": "list", "data": rows, "sessions": placed}
 

@@ -11,9 +11,9 @@ from mars.gateway.control import UNKNOWN_CAPACITY, Control
 from mars.gateway.upstreams import Upstreams
 
 
-def gateway_gauges(control: Control, upstreams: Upstreams) -> dict[str, Any]:
-    window = getattr(control.policy, "window", None)
-    rows = [
+def upstream_rows(upstreams: Upstreams) -> list[dict[str, Any]]:
+    """Each replica's state, as `/v1/upstreams` and the dashboard show it."""
+    return [
         {
             "url": r.url,
             "up": r.up,
@@ -28,6 +28,11 @@ def gateway_gauges(control: Control, upstreams: Upstreams) -> dict[str, Any]:
         }
         for r in upstreams.replicas
     ]
+
+
+def gateway_gauges(control: Control, upstreams: Upstreams) -> dict[str, Any]:
+    window = getattr(control.policy, "window", None)
+    rows = upstream_rows(upstreams)
     known = [r["running"] for r in rows if r["up"] and r["running"] is not None]
     waiting = [r["waiting"] for r in rows if r["up"] and r["waiting"] is not None]
     capacity = control.kv.num_blocks
