@@ -15,10 +15,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,6 +26,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from mars.bench.liveserver import mars_server
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_MS = 50.0
 MAX_TOKENS = 512  # long enough to stay in flight through the scrapes
@@ -37,36 +36,16 @@ MAX_SEQUENCES = 63  # llama.cpp's 64 sequences, less the engine's scratch one
 
 @contextmanager
 def server(sessions: int) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    """A fresh `mars serve` with KV and slots for `sessions` (the rest wait for a slot)."""
     kv = sessions * (MAX_TOKENS + 64)
-    cmd = [sys.executable, "-m", "mars", "serve", "--port", str(port), "--policy", "fcfs"]
-    batch = min(sessions, MAX_SEQUENCES)  # the rest wait for a slot
-    cmd += ["--kv-tokens", str(kv), "--max-sessions", str(batch), "--threads", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "MARS_API_KEY"}
-    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"mars serve exited with {proc.returncode}: {log.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("mars serve did not become healthy in 120 s")
-            time.sleep(0.2)
+    batch = min(sessions, MAX_SEQUENCES)
+    args = ["--policy", "fcfs", "--kv-tokens", str(kv), "--max-sessions", str(batch)]
+    os.environ.pop("MARS_API_KEY", None)  # the scrapes send no key
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mars_server([*args, "--threads", "2"], Path(tmp) / "serve.log") as base,
+    ):
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
 
 
 def load(base: str, sessions: int, stop: threading.Event) -> threading.Thread:
