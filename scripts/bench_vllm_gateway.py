@@ -84,6 +84,12 @@ def parse_args() -> argparse.Namespace:
         default=28,
         help="KV capacity in blocks (default 28: 864 tokens, less than 3 sessions' contexts)",
     )
+    p.add_argument(
+        "--vllm-args",
+        default="",
+        help="more vLLM server options for every run, e.g. '--max-num-queued-reqs 2' (its queue "
+        "caps: their 503s, which the gateway waits out, are counted as upstream_busy)",
+    )
     p.add_argument("--vllm-venv", type=Path, default=CACHE / "vllm-venv")
     p.add_argument("--model", type=Path, default=CACHE / "smollm2-135m-hf")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds per server start")
@@ -149,10 +155,10 @@ def run(args: argparse.Namespace) -> int:
                 max_context=args.max_model_len,
                 timeout_s=600.0,
             )
-            before = vllm_counters(urls.vllm)
+            before = {**vllm_counters(urls.vllm), "busy": upstream_busy(urls.gateway)}
             outcome, samples = asyncio.run(replay_sampled(specs, config, urls))
-            after = vllm_counters(urls.vllm)
-        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
+            after = {**vllm_counters(urls.vllm), "busy": upstream_busy(urls.gateway)}
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (*COUNTERS, "busy")}
         result = policy_result(policy, spec, specs, outcome, rates, probed, delta, samples, args)
         result["plugin_events"] = count_events(logs / f"events-{policy}.jsonl")
         results.append(result)
@@ -212,6 +218,7 @@ def servers(args: argparse.Namespace, policy: str, logs: Path) -> Iterator[Serve
         "--enable-prompt-tokens-details",
         "--scheduler-cls", "mars.vllm.scheduler.MarsScheduler",
     ]  # fmt: skip
+    vllm_cmd += shlex.split(args.vllm_args)
     events = logs / f"events-{policy}.jsonl"
     events.unlink(missing_ok=True)
     vllm_env = {
@@ -309,6 +316,11 @@ def scrape(url: str) -> dict[str, float]:
 def vllm_counters(base: str) -> dict[str, float]:
     values = scrape(f"{base}/metrics")
     return {k: values[f"vllm:{k}_total"] for k in COUNTERS if f"vllm:{k}_total" in values}
+
+
+def upstream_busy(gateway: str) -> float:
+    """The upstream 503s (vLLM's queue caps) the gateway has waited out so far."""
+    return scrape(f"{gateway}/metrics").get("mars:gateway_upstream_busy_total", 0.0)
 
 
 async def replay_sampled(
@@ -420,6 +432,7 @@ def policy_result(
             "errors": [f"{r.session_id}: {r.error}" for r in failed[:5]],
             "probe": asdict(probed),
             "retries": sum(t.retries for t in turns),
+            "upstream_busy": delta["busy"],  # vLLM's 503s the gateway waited out
             "max_gateway_queued": max((s[3] for s in samples), default=0.0),
             "max_vllm_waiting": max((s[2] for s in samples), default=0.0),
             "samples": samples,  # [t, vLLM KV usage, vLLM waiting, gateway queue]
@@ -441,6 +454,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("mean KV usage", "kv.mean_usage", ".0%"),
     ("KV pins (plug-in)", "plugin_events.kv_retain", ".0f"),
     ("max gateway queue", "max_gateway_queued", ".0f"),
+    ("vLLM 503s waited out", "upstream_busy", ".0f"),
     ("replay wall (s)", "wall_s", ".0f"),
 )
 

@@ -156,7 +156,9 @@ def test_a_503_from_a_queue_cap_is_waited_out_not_a_dead_replica(fake) -> None:
     with gateway(url) as base:
         r = call(base, "s1")
         table = httpx.get(f"{base}/v1/upstreams", timeout=10).json()["data"][0]
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
     assert r.status_code == 200 and len(upstream.seen) == 4  # 3 refused, then served
+    assert f'mars:gateway_upstream_busy_total{{upstream="{url}"}} 3.0' in metrics
     assert table["up"] and table["failures"] == 0 and table["requests"] == 1
 
 

@@ -20,6 +20,7 @@ def upstream_rows(upstreams: Upstreams) -> list[dict[str, Any]]:
             "error": r.error,
             "sessions": r.sessions,
             "requests": r.requests,
+            "busy": r.busy,
             "failures": r.failures_total,
             "kv_usage": r.signal.kv_usage,
             "kv_tokens": r.signal.kv_tokens,

@@ -86,6 +86,8 @@ class GatewayCollector(Collector):
              lambda r: r.signal.running),
             ("sessions", "gauge", "Sessions placed on the upstream.", lambda r: r.sessions),
             ("requests", "counter", "Requests forwarded to the upstream.", lambda r: r.requests),
+            ("busy", "counter", "503s of the upstream (its queue caps) waited out on it.",
+             lambda r: r.busy),
             ("failures", "counter", "Failed probes and forwarded requests.",
              lambda r: r.failures_total),
         ]  # fmt: skip

@@ -93,7 +93,6 @@ class Proxy:
     ) -> None:
         self.upstreams, self._client, self.timeout_s = upstreams, client, timeout_s
         self.busy_wait_s = busy_wait_s
-        self.busy = 0  # 503s from upstreams waited out (counter)
 
     async def forward(
         self,
@@ -149,7 +148,7 @@ class Proxy:
                     code="upstream_busy",
                     headers={"Retry-After": str(retry)},
                 )
-            self.busy += 1
+            replica.busy += 1
             await asyncio.sleep(wait)
             delay = min(_BACKOFF_S[1], delay * 2)
 

@@ -103,6 +103,7 @@ class Replica:
     failures: int = 0  # failures in a row
     sessions: int = 0  # sessions routed here (sticky)
     requests: int = 0  # requests forwarded (counter)
+    busy: int = 0  # its 503s (queue caps) waited out, counter
     failures_total: int = 0  # counter
     metrics_text: str = ""  # its last `/metrics` page ("" if it has none)
 
