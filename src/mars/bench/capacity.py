@@ -8,9 +8,12 @@ thrashes loses throughput, so a single concurrency can sit far below the peak.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
+from mars.bench.pool import run_all
 from mars.sim.experiment import (
     SimSpec,
     load_specs,
@@ -18,6 +21,7 @@ from mars.sim.experiment import (
     run_experiment,
     workload_ideals,
 )
+from mars.sim.workload import SessionSpec
 
 CONCURRENCIES = (8, 16, 32, 64, 128)
 
@@ -36,22 +40,36 @@ def capacity_curve(
     base: SimSpec,
     concurrencies: Sequence[int] = CONCURRENCIES,
     on_point: Callable[[CurvePoint], None] | None = None,
+    pool: Executor | None = None,
+    specs: list[SessionSpec] | None = None,
+    ideal: dict[str, float] | None = None,
 ) -> list[CurvePoint]:
-    """Closed-loop runs of `base` (its rate/concurrency replaced) at each concurrency.
+    """Closed-loop runs of `base` (its rate/concurrency replaced) at each concurrency, on `pool`
+    (None: one after another in this process); `on_point` as each one finishes.
 
-    The workload and the ideal times are computed once and shared by every point.
+    The workload and the ideal times (given, or computed here once) are shared by every point.
     """
     first = replace(base, rate=None, concurrency=concurrencies[0])
-    specs = load_specs(first)
-    ideal = workload_ideals(first, specs, make_cost_model(first))
-    points = []
-    for c in concurrencies:
-        spec = replace(first, concurrency=c)
-        point = CurvePoint(c, run_experiment(spec, specs, ideal=ideal))
-        points.append(point)
+    if specs is None:
+        specs = load_specs(first)
+    if ideal is None:
+        ideal = workload_ideals(first, specs, make_cost_model(first))
+    calls = [
+        partial(_closed_loop, replace(first, concurrency=c), specs, ideal) for c in concurrencies
+    ]
+
+    def done(i: int, result: dict[str, Any]) -> None:
         if on_point is not None:
-            on_point(point)
-    return points
+            on_point(CurvePoint(concurrencies[i], result))
+
+    results = run_all(calls, pool, done)
+    return [CurvePoint(c, r) for c, r in zip(concurrencies, results, strict=True)]
+
+
+def _closed_loop(
+    spec: SimSpec, specs: list[SessionSpec], ideal: dict[str, float]
+) -> dict[str, Any]:
+    return run_experiment(spec, specs, ideal=ideal)
 
 
 def peak(points: Sequence[CurvePoint]) -> CurvePoint:

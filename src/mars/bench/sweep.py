@@ -6,16 +6,21 @@ peak, turned into Poisson arrival rates; `--rates` are taken as given. Every (po
 runs the same workload sample and arrival times for that seed, and shares its ideal times.
 With `events_dir`, one run per policy (the highest rate, the first seed: the runs the over-time
 plots show) writes its event stream there, `events-POLICY.jsonl`, for `mars timeline`.
+On a pool (`mars.bench.pool`: `--workers N`, `--ray`) the runs spread over its workers and the
+results are the same numbers in the same order as in one process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mars.bench.capacity import CONCURRENCIES, CurvePoint, capacity_curve, peak
+from mars.bench.pool import run_all
 from mars.core.events import EventBus
 from mars.sim.eventlog import EventLog
 from mars.sim.experiment import (
@@ -25,6 +30,7 @@ from mars.sim.experiment import (
     run_experiment,
     workload_ideals,
 )
+from mars.sim.workload import SessionSpec
 
 UNSTABLE_RATIO = 1.3
 
@@ -70,40 +76,66 @@ def run_sweep(
     plan: SweepPlan,
     on_capacity: Callable[[CurvePoint], None] | None = None,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    pool: Executor | None = None,
 ) -> SweepResult:
+    """Every run of `plan` on `pool` (None: one after another in this process): each seed's
+    ideal times, then the capacity curve, then every (seed, rate, policy). The callbacks fire as
+    each run finishes; the results come in the plan's order, the same numbers on any pool."""
+    workloads = {seed: replace(plan.base, seed=seed) for seed in plan.seeds}
+    specs = {seed: load_specs(w) for seed, w in workloads.items()}
+    ideal = dict(
+        zip(
+            plan.seeds,
+            run_all([partial(_ideals, w, specs[seed]) for seed, w in workloads.items()], pool),
+            strict=True,
+        )
+    )
     curve: list[CurvePoint] | None = None
     cap: float | None = None
     rates: Sequence[float] = plan.rates
     labels: Sequence[float | None] = [None] * len(rates)
     if plan.loads:
-        curve = capacity_curve(
-            replace(plan.base, policy="fcfs", seed=plan.seeds[0]), CONCURRENCIES, on_capacity
-        )
+        s0 = plan.seeds[0]
+        fcfs = replace(plan.base, policy="fcfs", seed=s0)
+        curve = capacity_curve(fcfs, CONCURRENCIES, on_capacity, pool, specs[s0], ideal[s0])
         cap = peak(curve).steady
         rates = [f * cap for f in plan.loads]
         labels = list(plan.loads)
-    results = []
+    calls = []
     events: dict[str, Path] = {}
-    cost = make_cost_model(plan.base)
     for seed in plan.seeds:
         first = replace(plan.base, seed=seed, rate=rates[0], concurrency=None)
-        specs = load_specs(first)
-        ideal = workload_ideals(first, specs, cost)
         for rate, load in zip(rates, labels, strict=True):
             for policy in plan.policies:
-                spec = replace(first, policy=policy, rate=rate)
+                path = None
                 shown = seed == plan.seeds[0] and rate == rates[-1]
                 if shown and plan.events_dir is not None:  # the run the over-time plots show
-                    bus, path = EventBus(), plan.events_dir / f"events-{policy}.jsonl"
-                    with EventLog(path).attach(bus):
-                        result = run_experiment(spec, specs, ideal=ideal, bus=bus)
-                    events[policy] = path
-                else:
-                    result = run_experiment(spec, specs, ideal=ideal)
-                result["load"] = load
-                result["rate"] = rate
-                result["unstable"] = unstable(result)
-                results.append(result)
-                if on_run is not None:
-                    on_run(result)
+                    path = events[policy] = plan.events_dir / f"events-{policy}.jsonl"
+                spec = replace(first, policy=policy, rate=rate)
+                calls.append(partial(_run, spec, specs[seed], ideal[seed], load, path))
+    results = run_all(calls, pool, None if on_run is None else lambda _i, r: on_run(r))
     return SweepResult(curve, cap, results, events)
+
+
+def _ideals(spec: SimSpec, specs: list[SessionSpec]) -> dict[str, float]:
+    return workload_ideals(spec, specs, make_cost_model(spec))
+
+
+def _run(
+    spec: SimSpec,
+    specs: list[SessionSpec],
+    ideal: dict[str, float],
+    load: float | None,
+    events: Path | None,
+) -> dict[str, Any]:
+    """One open-loop run of a sweep, writing its events to `events` if given."""
+    if events is None:
+        result = run_experiment(spec, specs, ideal=ideal)
+    else:
+        bus = EventBus()
+        with EventLog(events).attach(bus):
+            result = run_experiment(spec, specs, ideal=ideal, bus=bus)
+    result["load"] = load
+    result["rate"] = spec.rate
+    result["unstable"] = unstable(result)
+    return result

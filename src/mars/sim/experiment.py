@@ -17,8 +17,9 @@ from mars.bench.metrics import SessionResult, result_json
 from mars.core.errors import UsageError
 from mars.core.events import EventBus
 from mars.sched.policies.fcfs import FCFSPolicy
-from mars.sched.registry import make_policy, parameters
+from mars.sched.registry import parameters
 from mars.sim.arrivals import arrival_times
+from mars.sim.cluster import check_cluster, cluster_policies
 from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
 from mars.sim.fitted import FittedCostModel
 from mars.sim.run import Arrivals, SessionRecord, SimConfig, SimOutcome, Simulation
@@ -52,8 +53,12 @@ class SimSpec:
     fast_forward: bool = True
     # A `mars calibrate` preset: its fitted model replaces the gpu x model roofline.
     cost_model_file: str | None = None
+    # A cluster: this many replicas of the engine behind a router (`mars.sim.cluster`).
+    replicas: int = 1
+    router: str = "mars"
 
     def __post_init__(self) -> None:
+        check_cluster(self.replicas, self.router)
         if (self.rate is None) == (self.concurrency is None):
             raise UsageError("give exactly one of --rate R (open loop) or --concurrency C")
         for name in ("rate", "concurrency", "tool_cores", "token_scale", "time_scale", "kv_scale"):
@@ -164,7 +169,9 @@ def run_experiment(
     if specs is None:
         specs = load_specs(spec)
     cost = make_cost_model(spec)
-    policy = make_policy(spec.policy, dict(spec.policy_settings), simulated=True)
+    policy, cluster = cluster_policies(
+        spec.policy, dict(spec.policy_settings), spec.replicas, spec.router
+    )
     config = SimConfig(
         tool_cores=spec.tool_cores,
         tool_workers=spec.tool_workers,
@@ -183,7 +190,7 @@ def run_experiment(
     else:
         assert spec.concurrency is not None
         arrivals = Arrivals(concurrency=spec.concurrency)
-    outcome = Simulation(specs, policy, cost, arrivals, config, bus, progress).run()
+    outcome = Simulation(specs, policy, cost, arrivals, config, bus, progress, cluster).run()
     if ideal is None:
         ideal = workload_ideals(spec, specs, cost)
     wall_s = time.perf_counter() - t0
@@ -265,8 +272,14 @@ def _result(
         extra={
             "gpu": {
                 "name": engine_name(cost),
-                "busy_fraction": out.gpu_busy_s / span,
+                "busy_fraction": out.gpu_busy_s / (span * len(out.replicas)),
                 "steps": out.steps,
+            },
+            "cluster": {
+                "replicas": len(out.replicas),
+                "router": spec.router,
+                "moves": out.moves,
+                "per_replica": out.replicas,
             },
             "sim_time_s": out.end_time,
             "time_split": time_split(out.records),

@@ -5,7 +5,9 @@ the scheduler, KV manager and policy are the same objects a live engine uses. Th
 `(time, priority, seq)`: at equal times a step end is applied before tool ends, tool ends before
 arrivals, and only then does the engine start its next step, so work that appears at the instant
 a step ends joins the next step. Stretches of pure decode with nothing else due advance in one
-event (`fast_forward`); a test checks they decide exactly as step-by-step runs.
+event (`fast_forward`); a test checks they decide exactly as step-by-step runs. A cluster
+(`mars.sim.cluster`) is a list of such engines (`Replica`) on the one heap and clock: each idle
+one with work starts its next step once nothing else is due at the instant.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from mars.core.events import (
 )
 from mars.core.request import Request
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
-from mars.kv.manager import KVConfig, KVManager
-from mars.sched.plan import StepPlan, StepResult
+from mars.kv.manager import KVConfig
 from mars.sched.policy import Policy
-from mars.sched.scheduler import Scheduler, SchedulerConfig
+from mars.sched.scheduler import SchedulerConfig
+from mars.sim.cluster import Cluster, Router, bind_to_cluster, replica_sessions, replica_stats
 from mars.sim.costmodel import StepCostModel
-from mars.sim.executor import SimExecutor
+from mars.sim.replica import Replica
 from mars.sim.tools import ProcessorSharing, WorkerQueue
 from mars.sim.workload import SessionSpec
 
@@ -134,6 +136,9 @@ class SimOutcome:
     kv_usage: list[tuple[float, float]] = field(default_factory=list)
     # The admission window when it changed (policies that keep one), and sessions admitted then.
     admission_window: list[tuple[float, int, int]] = field(default_factory=list)
+    router: str = "mars"
+    moves: int = 0  # calls routed to another replica than their session's previous call
+    replicas: list[dict[str, float]] = field(default_factory=list)  # `replica_stats`
 
 
 class _Agent:
@@ -175,7 +180,10 @@ class Simulation:
         config: SimConfig = SimConfig(),
         bus: EventBus | None = None,
         on_session_done: Callable[[SessionRecord], None] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
+        """One engine running `policy`; or, with `cluster`, one replica per policy of it behind
+        its router, `policy` being the control plane's (`mars.sim.cluster`)."""
         self.specs = list(specs)
         self.config = config
         self.clock = SimClock()
@@ -188,50 +196,58 @@ class Simulation:
         # Content ids of each framework's shared leading tokens (sessions of one trajectory group,
         # `traj_id` less its instance): one tuple a group, so matching it is an identity check.
         self._shared_prefix: dict[str, tuple[int, ...]] = {}
-        self.kv = KVManager(
-            KVConfig(num_blocks, config.block_size, config.host_kv_tokens, config.kv_sequences),
-            self.clock,
-            self.bus,
+        self.sessions: dict[str, Session] = {}  # every session queued or admitted
+        policies = (policy,) if cluster is None else cluster.policies
+        n = len(policies)
+        kv_config = KVConfig(
+            num_blocks, config.block_size, config.host_kv_tokens, config.kv_sequences
         )
-        self.sessions: dict[str, Session] = {}
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
-            policy,
-            self.kv,
-            self.clock,
-            self.bus,
-            self.sessions,
-            cost,
-            config.tool_workers or config.tool_cores,
-        )
+        sched_config = SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs)
+        workers = config.tool_workers or config.tool_cores  # per replica
+        ff, own = config.fast_forward, replica_sessions(self.sessions, n)
+        self.replicas = [
+            Replica(i, kv_config, sched_config, p, cost, self.clock, self.bus, own[i], workers, ff)
+            for i, p in enumerate(policies)
+        ]
+        self.kv, self.scheduler = self.replicas[0].kv, self.replicas[0].scheduler
+        # The idle replicas that have work, or may have (a step of theirs just ended).
+        self._ready: set[Replica] = set()
+        self.router = Router("mars" if cluster is None else cluster.router, self.replicas)
         self.policy = policy
-        if getattr(policy, "clairvoyant", False):  # the `oracle` bound: hand it the future
-            foresee(policy, self.specs)
-        # An engine whose attention scans every used cell (llama.cpp) slows with the cached
-        # sessions' KV too; its steps then depend on the cache, not only on the batch, so the
-        # decode stretches are stepped one by one.
-        self._scans_cache = cost.cache_scan_seconds(1, 1) > 0
-        self.executor = SimExecutor(cost, self._cells_in_use if self._scans_cache else None)
-        self.heavy = ProcessorSharing(config.tool_cores)
-        self.workers = WorkerQueue(config.tool_workers)
+        self._policies = list(dict.fromkeys((policy, *policies)))  # each once, to tick
+        for p in self._policies:
+            if getattr(p, "clairvoyant", False):  # the `oracle` bound: hand it the future
+                foresee(p, self.specs)
+        # The cluster's tools share one pool of every replica's cores and workers.
+        self.tool_cores = config.tool_cores * n
+        self.heavy = ProcessorSharing(self.tool_cores)
+        self.workers = WorkerQueue(None if config.tool_workers is None else config.tool_workers * n)
         self._tool_runs = 0
         self._tool_wait_s = 0.0
         self._heavy_version = 0
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._agents: dict[str, _Agent] = {}
-        self.admission = AdmissionQueue(policy, self.clock, self.bus, self._admitted)
+        self._global_admission = cluster is None or cluster.global_admission
+        # With one admission for the cluster, its policy sees every replica as one engine and
+        # weighs each call's retention as if it decided it (the replica's policy does), to
+        # learn the times away and duty its admission reads.
+        self._shadow = False
+        if cluster is not None and self._global_admission:
+            bind_to_cluster(policy, self.replicas, self.router, self.sessions, cost)
+            self._shadow = bool(getattr(policy, "admission", False))
+        admitters = [policy] if self._global_admission else [r.policy for r in self.replicas]
+        self.admissions = [
+            AdmissionQueue(p, self.clock, self.bus, self._admitted) for p in admitters
+        ]
+        self.admission = self.admissions[0]
         self._next_spec = 0
-        self._busy = False
-        self._plan: StepPlan | None = None
-        self._ff_steps = 0
-        self._steps = 0
         self._records: list[SessionRecord] = []
         self._on_done = on_session_done
         self._arrivals = arrivals
         self.kv_usage: list[tuple[float, float]] = []
         self.window: list[tuple[float, int, int]] = []
-        if getattr(policy, "admission", False):
+        if getattr(policy, "admission", False) and self._global_admission:
             self.bus.subscribe(AdmissionWindow, self._window_changed)
 
     # ---- event heap -------------------------------------------------------------------------
@@ -254,35 +270,47 @@ class Simulation:
             t, kind, _, payload = heapq.heappop(heap)
             self.clock.advance_to(t)
             self._dispatch(kind, payload)
-            if not self._busy and (not heap or heap[0][0] > t):
-                self._start_step()
-        if self.scheduler.has_work or len(self.admission):
+            if self._ready and (not heap or heap[0][0] > t):
+                for replica in sorted(self._ready, key=lambda r: r.index):
+                    self._start_step(replica)
+        waiting = sum(len(r.scheduler.waiting) for r in self.replicas)
+        running = sum(len(r.scheduler.running) for r in self.replicas)
+        unadmitted = sum(len(q) for q in self.admissions)
+        if waiting or running or unadmitted:
             raise RuntimeError(
-                f"simulation stalled at t={self.clock.now():.3f}s with "
-                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.running)} running, "
-                f"{len(self.admission)} sessions unadmitted: the policy holds KV nothing can free"
+                f"simulation stalled at t={self.clock.now():.3f}s with {waiting} waiting, "
+                f"{running} running, {unadmitted} sessions unadmitted: the policy holds KV "
+                "nothing can free"
             )
-        st = self.kv.stats()
+        return self._outcome()
+
+    def _outcome(self) -> SimOutcome:
+        reps = self.replicas
+        stats = [r.kv.stats() for r in reps]
+        scheds = [r.scheduler for r in reps]
         return SimOutcome(
             self._records,
             self.clock.now(),
-            self._steps,
-            self.executor.busy_s,
+            sum(r.steps for r in reps),
+            sum(r.executor.busy_s for r in reps),
             self.heavy.busy_core_s,
-            self.config.tool_cores,
+            self.tool_cores,
             self._tool_runs,
             self._tool_wait_s,
-            self.scheduler.prompt_tokens,
-            self.scheduler.hit_tokens,
-            self.scheduler.recomputed_tokens,
-            self.scheduler.num_preemptions,
-            st.evictions,
-            st.offloads,
-            st.restores,
-            self.kv.num_blocks,
-            self.kv.shared_tokens,
+            sum(s.prompt_tokens for s in scheds),
+            sum(s.hit_tokens for s in scheds),
+            sum(s.recomputed_tokens for s in scheds),
+            sum(s.num_preemptions for s in scheds),
+            sum(st.evictions for st in stats),
+            sum(st.offloads for st in stats),
+            sum(st.restores for st in stats),
+            sum(r.kv.num_blocks for r in reps),
+            sum(r.kv.shared_tokens for r in reps),
             self.kv_usage,
             self.window,
+            self.router.name,
+            self.router.moves,
+            replica_stats(reps, self.clock.now()),
         )
 
     def _window_changed(self, e: AdmissionWindow) -> None:
@@ -291,7 +319,8 @@ class Simulation:
 
     def _dispatch(self, kind: int, payload: object) -> None:
         if kind == _Ev.STEP_END:
-            self._end_step()
+            assert isinstance(payload, Replica)
+            self._end_step(payload)
         elif kind == _Ev.TOOL_END:
             assert isinstance(payload, _Agent)
             self._tool_done(payload)
@@ -302,9 +331,11 @@ class Simulation:
                     self._tool_done(agent)
                 self._reschedule_heavy()
         elif kind == _Ev.TICK:
-            self.policy.on_tick()
-            if len(self.admission):
-                self.admission.poll()
+            for policy in self._policies:
+                policy.on_tick()
+            for queue in self.admissions:
+                if len(queue):
+                    queue.poll()
             # Keep ticking while any session is in flight or still to arrive.
             if self._agents or self._next_spec < len(self.specs):
                 assert self.policy.tick_s is not None
@@ -312,50 +343,26 @@ class Simulation:
         else:
             self._arrive()
 
-    # ---- engine -----------------------------------------------------------------------------
-    def _cells_in_use(self) -> int:
-        return self.kv.used_blocks * self.config.block_size
+    # ---- engines ----------------------------------------------------------------------------
+    def _usage(self) -> float:
+        """KV usage, the cluster's mean with several replicas."""
+        if len(self.replicas) == 1:
+            return self.kv.usage
+        return sum(r.kv.usage for r in self.replicas) / len(self.replicas)
 
-    def _start_step(self) -> None:
-        sched, now = self.scheduler, self.clock.now()
-        if not sched.has_work:
-            return
-        if self.config.fast_forward and not self._scans_cache:
-            horizon = sched.decode_horizon()
-            if horizon >= 2:
-                until = min(self._heap[0][0] if self._heap else math.inf, sched.stable_until)
-                batch = len(sched.running)
-                ctx = sum(r.num_computed_tokens for r in sched.running)
-                durations = self.executor.decode_stretch(batch, ctx, horizon, until, now)
-                if len(durations) >= 2:
-                    self.executor.commit_stretch(durations)
-                    end = now
-                    for dt in durations:
-                        end += dt
-                    self._ff_steps = len(durations)
-                    self._busy = True
-                    self._push(end, _Ev.STEP_END)
-                    return
-        plan = sched.schedule()
-        if plan.is_empty:
-            return
-        result = self.executor.execute(plan)
-        self._plan, self._busy = plan, True
-        self._push(now + result.duration_s, _Ev.STEP_END, result)
+    def _start_step(self, replica: Replica) -> None:
+        end = replica.start_step(self._heap[0][0] if self._heap else math.inf)
+        if end is not None:
+            self._push(end, _Ev.STEP_END, replica)
+            self._ready.discard(replica)
+        elif not replica.scheduler.has_work:
+            self._ready.discard(replica)  # until a call comes (else: blocked, ask again)
 
-    def _end_step(self) -> None:
-        self._busy = False
-        if self._ff_steps:
-            finished = self.scheduler.advance_decode(self._ff_steps)
-            self._steps += self._ff_steps
-            self._ff_steps = 0
-        else:
-            plan, self._plan = self._plan, None
-            assert plan is not None
-            finished = self.scheduler.update(plan, StepResult(plan.step_id, 0.0))
-            self._steps += 1
+    def _end_step(self, replica: Replica) -> None:
+        self._ready.add(replica)
+        finished = replica.end_step()
         if finished:
-            self.kv_usage.append((self.clock.now(), self.kv.usage))
+            self.kv_usage.append((self.clock.now(), self._usage()))
         for req in finished:
             self._turn_done(self._agents[req.session_id])
 
@@ -386,7 +393,10 @@ class Simulation:
             return
         self.sessions[spec.session_id] = session
         self._agents[spec.session_id] = _Agent(spec, session, record)
-        self.admission.add(session)
+        if self._global_admission:
+            self.admission.add(session)
+        else:
+            self.admissions[self.router.admitting(session).index].add(session)
 
     def _admitted(self, session: Session) -> None:
         agent = self._agents[session.session_id]
@@ -408,10 +418,13 @@ class Simulation:
         )
         session.turns.append(Turn(req))
         session.status = SessionStatus.LLM
-        self.scheduler.add_request(req)
+        replica = self.router.route(session)
+        replica.scheduler.add_request(req)
+        if not replica.busy:
+            self._ready.add(replica)
         # KV usage is sampled when calls arrive and finish: instants at which a fast-forwarded
         # run and a step-by-step one are in the same state.
-        self.kv_usage.append((self.clock.now(), self.kv.usage))
+        self.kv_usage.append((self.clock.now(), self._usage()))
 
     def _prefix_of(self, traj_id: str) -> tuple[int, ...]:
         n = self.config.shared_prefix_tokens
@@ -426,8 +439,11 @@ class Simulation:
 
     def _reveal_tool(self, req: Request) -> None:
         """The call's output is complete: it names the tool the agent runs next."""
-        tools = self._agents[req.session_id].spec.turns[req.turn_index].tools
+        agent = self._agents[req.session_id]
+        tools = agent.spec.turns[req.turn_index].tools
         req.next_tool = tools[0].category if tools else None
+        if self._shadow:
+            self.policy.retention(agent.session, req)
 
     def _turn_done(self, agent: _Agent) -> None:
         req, rec, now = agent.session.turns[-1].request, agent.record, self.clock.now()
@@ -506,7 +522,7 @@ class Simulation:
         session = agent.session
         session.status, session.done_time = SessionStatus.DONE, now
         agent.record.done_s = now
-        self.kv.end_session(session.session_id)
+        self.router.forget(session.session_id)
         del self._agents[session.session_id]
         del self.sessions[session.session_id]
         self.bus.publish(SessionDone(now, session.session_id, now - session.arrival_time))
@@ -517,5 +533,6 @@ class Simulation:
     def _session_ended(self) -> None:
         if self._arrivals.concurrency:
             self._push(self.clock.now(), _Ev.ARRIVAL)
-        if len(self.admission):
-            self.admission.poll()
+        for queue in self.admissions:
+            if len(queue):
+                queue.poll()
