@@ -28,9 +28,10 @@ from typing import Literal
 
 import httpx
 
+from mars.control.placement import pressure
+
 Flavor = Literal["vllm", "openai"]
 MAX_FAILURES = 3  # timeouts or broken answers in a row before a replica is marked down
-USAGE_STEP = 0.05  # KV usage differences below this do not decide where a session goes
 
 _USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # the first found
 _WAITING = ("vllm:num_requests_waiting", "mars:admission_queued_sessions")  # summed
@@ -108,8 +109,7 @@ class Replica:
     metrics_text: str = ""  # its last `/metrics` page ("" if it has none)
 
     def pressure(self) -> tuple[int, int, int]:
-        usage = self.signal.kv_usage or 0.0
-        return (int(usage / USAGE_STEP), self.signal.waiting or 0, self.sessions)
+        return pressure(self.signal.kv_usage or 0.0, self.signal.waiting or 0, self.sessions)
 
 
 class Upstreams:
