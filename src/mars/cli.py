@@ -16,6 +16,7 @@ from mars.engine.calibrate_cli import add_calibrate_parser, run_calibrate
 from mars.sched.registry import check_policy, make_policy, policy_names
 from mars.sched.settings_args import add_policy_settings, policy_settings
 from mars.server.cli import add_serve_parser, run_serve
+from mars.sim.arrivals import ARRIVAL_KINDS, BURST_SIZE
 from mars.sim.cluster import ROUTER_HELP, ROUTERS
 from mars.sim.costmodel import GPUS, MODELS
 from mars.sim.costmodel_cli import (
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_costmodel_parser(sub)
     add_calibrate_parser(sub)
     add_timeline_parser(sub)
+    _add_traces(sub)
     sub.add_parser("policies", help="list the scheduling policies")
     return parser
 
@@ -150,7 +152,12 @@ def _add_sim(sub: argparse._SubParsersAction[Parser]) -> None:
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=positive_float, help="open loop: sessions arriving per second")
     load.add_argument("--concurrency", type=positive_int, help="closed loop: sessions in flight")
-    p.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson")
+    p.add_argument(
+        "--arrival",
+        choices=ARRIVAL_KINDS,
+        default="poisson",
+        help=f"open-loop arrivals; bursts: {BURST_SIZE} sessions at one instant, bursts Poisson",
+    )
     p.add_argument(
         "--events",
         metavar="FILE",
@@ -227,6 +234,34 @@ def _add_sweep(sub: argparse._SubParsersAction[Parser]) -> None:
         "RAY_ADDRESS or a `ray start` here) joins that cluster, whose nodes need mars and the "
         "trace file and --out at the same paths",
     )
+
+
+def _add_traces(sub: argparse._SubParsersAction[Parser]) -> None:
+    from mars.sim.families import FAMILIES
+
+    p = sub.add_parser("traces", help="trace files: `mars traces synth` writes workload families")
+    verbs = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
+    synth = verbs.add_parser(
+        "synth",
+        help="write a workload family in the trace format (distributions: mars.sim.families)",
+        description="Write SESSIONS trajectories of a workload family to a JSONL trace file.",
+    )
+    synth.add_argument("--family", required=True, choices=FAMILIES)
+    synth.add_argument("--sessions", type=positive_int, required=True)
+    synth.add_argument("--seed", type=non_negative_int, default=0)
+    synth.add_argument(
+        "--traces", help="the SWE-bench trace file the swe-* and cpu-heavy families resample"
+    )
+    synth.add_argument("--out", required=True, help="output trace file (JSONL)")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from mars.sim.families import synthesize, write_family
+
+    records = synthesize(args.family, args.sessions, args.seed, args.traces)
+    path = write_family(records, args.out)
+    print(f"wrote {len(records)} {args.family} sessions to {path}")
+    return 0
 
 
 def _name_list(text: str) -> list[str]:
@@ -483,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_calibrate(args)
         if args.command == "timeline":
             return run_timeline(args)
+        if args.command == "traces":
+            return run_synth(args)
         for name in policy_names():
             note = "  (simulator only: a clairvoyant bound, not a scheduler)"
             print(name + (note if name == "oracle" else ""))

@@ -18,7 +18,7 @@ from mars.core.errors import UsageError
 from mars.core.events import EventBus
 from mars.sched.policies.fcfs import FCFSPolicy
 from mars.sched.registry import parameters
-from mars.sim.arrivals import arrival_times
+from mars.sim.arrivals import ARRIVAL_KINDS, arrival_times
 from mars.sim.cluster import check_cluster, cluster_policies
 from mars.sim.costmodel import CostModel, StepCostModel, resolve_gpu, resolve_model
 from mars.sim.fitted import FittedCostModel
@@ -182,8 +182,10 @@ def run_experiment(
     )
     config = with_engine_limits(config, cost)
     if spec.rate is not None:
-        if spec.arrival not in ("poisson", "fixed"):
-            raise UsageError(f"unknown --arrival {spec.arrival!r}; valid: poisson, fixed")
+        if spec.arrival not in ARRIVAL_KINDS:
+            raise UsageError(
+                f"unknown --arrival {spec.arrival!r}; valid: {', '.join(ARRIVAL_KINDS)}"
+            )
         arrivals = Arrivals(
             tuple(arrival_times(len(specs), rate=spec.rate, kind=spec.arrival, seed=spec.seed))
         )
