@@ -94,7 +94,7 @@ def test_an_error_in_a_worker_is_the_error_in_process(workers: int, ray: str | N
     with pytest.raises(UsageError) as there, open_pool(workers, ray) as pool:
         assert pool is not None
         run_sweep(_failing_plan(), pool=pool)
-    assert str(here.value) == "unknown --arrival 'uniform'; valid: poisson, fixed"
+    assert str(here.value) == "unknown --arrival 'uniform'; valid: poisson, fixed, bursts"
     assert str(there.value) == str(here.value)
 
 
