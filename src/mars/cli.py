@@ -505,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sim":
             return run_sim(args)
         if args.command == "serve":
-            return run_serve(args)
+            given = sys.argv[1:] if argv is None else argv
+            return run_serve(args, given[given.index("serve") + 1 :])
         if args.command == "sweep":
             return run_sweep_cmd(args)
         if args.command == "bench":

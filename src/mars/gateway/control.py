@@ -27,7 +27,7 @@ from mars.core.clock import Clock
 from mars.core.events import EventBus, RequestEmit, SessionArrived, SessionDone, ToolEnd
 from mars.core.request import Request
 from mars.core.session import Session, SessionStatus, ToolCall, Turn
-from mars.gateway.upstreams import Upstreams
+from mars.gateway.upstreams import Pool
 from mars.kv.manager import KVManager
 from mars.sched.policy import Policy, PolicyContext
 
@@ -51,7 +51,7 @@ class PooledKV:
     host_used_tokens = 0  # the upstreams' host copies are theirs: none to restore from here
     segment_tokens = 0  # prefixes shared across sessions are the upstreams' (prefix caching)
 
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Pool) -> None:
         self._upstreams = upstreams
 
     @property
@@ -93,7 +93,7 @@ class Control:
     def __init__(
         self,
         policy: Policy,
-        upstreams: Upstreams,
+        upstreams: Pool,
         limits: AdmissionLimits,
         clock: Clock,
         bus: EventBus,

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from mars.gateway.control import UNKNOWN_CAPACITY, Control
-from mars.gateway.upstreams import Upstreams
+from mars.gateway.upstreams import Pool
 
 
-def upstream_rows(upstreams: Upstreams) -> list[dict[str, Any]]:
+def upstream_rows(upstreams: Pool) -> list[dict[str, Any]]:
     """Each replica's state, as `/v1/upstreams` and the dashboard show it."""
     return [
         {
@@ -31,7 +31,7 @@ def upstream_rows(upstreams: Upstreams) -> list[dict[str, Any]]:
     ]
 
 
-def gateway_gauges(control: Control, upstreams: Upstreams) -> dict[str, Any]:
+def gateway_gauges(control: Control, upstreams: Pool) -> dict[str, Any]:
     window = getattr(control.policy, "window", None)
     rows = upstream_rows(upstreams)
     known = [r["running"] for r in rows if r["up"] and r["running"] is not None]

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from mars.core.events import Event
 from mars.gateway.control import Control
-from mars.gateway.upstreams import Replica, Upstreams
+from mars.gateway.upstreams import Replica, Pool
 from mars.server.metrics import SessionMetrics
 
 PREFIX = "mars:gateway_"
@@ -31,7 +31,7 @@ class GatewayMetrics:
     """The registry behind the gateway's `/metrics`. Subscribe the instance to the gateway's
     bus; `view` gives the control plane and the upstreams (None before startup)."""
 
-    def __init__(self, view: Callable[[], tuple[Control, Upstreams] | None]) -> None:
+    def __init__(self, view: Callable[[], tuple[Control, Pool] | None]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         # The gateway serves no model of its own: its sessions carry model_name="gateway".
         self.sessions = SessionMetrics(self.registry, "gateway", PREFIX)
@@ -49,7 +49,7 @@ class GatewayCollector(Collector):
     """Admission (window, queue, admitted sessions, pooled KV usage) and one series per
     upstream (up, its signal, sessions placed, requests forwarded, failures)."""
 
-    def __init__(self, view: Callable[[], tuple[Control, Upstreams] | None]) -> None:
+    def __init__(self, view: Callable[[], tuple[Control, Pool] | None]) -> None:
         self._view = view
 
     def collect(self) -> Iterable[Metric]:
@@ -105,7 +105,7 @@ class Passthrough(Collector):
     """Each up upstream's last `/metrics` page, every sample labelled `upstream`; the same
     family from several upstreams is merged into one."""
 
-    def __init__(self, view: Callable[[], tuple[Control, Upstreams] | None]) -> None:
+    def __init__(self, view: Callable[[], tuple[Control, Pool] | None]) -> None:
         self._view = view
         self._parsed: dict[str, tuple[str, list[Metric]]] = {}  # url -> (page, its families)
         self._warned: set[str] = set()  # upstreams whose page did not parse (said once)

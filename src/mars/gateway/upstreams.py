@@ -112,7 +112,51 @@ class Replica:
         return pressure(self.signal.kv_usage or 0.0, self.signal.waiting or 0, self.sessions)
 
 
-class Upstreams:
+class Pool:
+    """Replicas and the sessions placed on them: sticky routing, moves off a replica that is
+    down. The gateway's `Upstreams` probes its replicas over HTTP; `mars.ray`'s replicas report
+    their signal to the control actor instead."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.replicas = replicas
+        self._sticky: dict[str, Replica] = {}
+        self.moved = 0  # sessions moved off a replica that went down (counter)
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.up]
+
+    def describe(self) -> str:
+        """Each replica's state, for error bodies: `URL: down (why)`."""
+        return "; ".join(f"{r.url}: {'up' if r.up else f'down ({r.error})'}" for r in self.replicas)
+
+    # ---- routing --------------------------------------------------------------------------
+    def route(self, session_id: str, among: set[str] | None = None) -> Replica | None:
+        """The replica for the session's next request (one of `among`, by url, if given);
+        None when every such replica is down."""
+        current = self._sticky.get(session_id)
+        usable = [r for r in self.healthy() if among is None or r.url in among]
+        if current is not None and current in usable:
+            return current
+        if not usable:
+            return None
+        best = min(usable, key=Replica.pressure)
+        if current is not None:
+            current.sessions -= 1
+            self.moved += 1
+        best.sessions += 1
+        self._sticky[session_id] = best
+        return best
+
+    def placed(self, session_id: str) -> Replica | None:
+        return self._sticky.get(session_id)
+
+    def forget(self, session_id: str) -> None:
+        replica = self._sticky.pop(session_id, None)
+        if replica is not None:
+            replica.sessions -= 1
+
+
+class Upstreams(Pool):
     """The pool of replicas: probes them, marks them up and down, routes sessions to them."""
 
     def __init__(
@@ -125,13 +169,11 @@ class Upstreams:
     ) -> None:
         if not urls:
             raise ValueError("give at least one upstream URL")
-        self.replicas = [Replica(url.rstrip("/")) for url in urls]
+        super().__init__([Replica(url.rstrip("/")) for url in urls])
         self.flavor = flavor
         self._client = client
         self.scrape_s = scrape_s
         self.probe_timeout_s = probe_timeout_s  # connect (and probe) timeout
-        self._sticky: dict[str, Replica] = {}
-        self.moved = 0  # sessions moved off a replica that went down (counter)
 
     # ---- health ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -176,38 +218,6 @@ class Upstreams:
         if not replica.up:
             replica.up, replica.error = True, None
             log.warning("upstream %s is up", replica.url)
-
-    def healthy(self) -> list[Replica]:
-        return [r for r in self.replicas if r.up]
-
-    def describe(self) -> str:
-        """Each replica's state, for error bodies: `URL: down (why)`."""
-        return "; ".join(f"{r.url}: {'up' if r.up else f'down ({r.error})'}" for r in self.replicas)
-
-    # ---- routing --------------------------------------------------------------------------
-    def route(self, session_id: str) -> Replica | None:
-        """The replica for the session's next request; None when every replica is down."""
-        current = self._sticky.get(session_id)
-        if current is not None and current.up:
-            return current
-        up = self.healthy()
-        if not up:
-            return None
-        best = min(up, key=Replica.pressure)
-        if current is not None:
-            current.sessions -= 1
-            self.moved += 1
-        best.sessions += 1
-        self._sticky[session_id] = best
-        return best
-
-    def placed(self, session_id: str) -> Replica | None:
-        return self._sticky.get(session_id)
-
-    def forget(self, session_id: str) -> None:
-        replica = self._sticky.pop(session_id, None)
-        if replica is not None:
-            replica.sessions -= 1
 
 
 def _reason(e: Exception) -> str:

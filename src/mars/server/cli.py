@@ -149,9 +149,40 @@ def add_serve_parser(sub: argparse._SubParsersAction[P]) -> None:
     )
     add_tool_args(p)  # --tool-workers, --tool-cpus, --unsafe-tools, ...: mars.server.tools_cli
     add_gateway_args(p)  # --engine vllm|openai --upstream URL: the gateway (mars.gateway)
+    ray = p.add_argument_group(
+        "Ray Serve",
+        "Serve on a Ray cluster (mars.ray): --replicas engine replicas, each a mars serve with "
+        "the other options given here, behind mars's request router and one global control "
+        "plane (admission across all replicas).",
+    )
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray: 'local' (the default value) starts a head with this machine's cores; "
+        "an address (ray://..., HOST:PORT, auto) joins a cluster whose nodes have mars",
+    )
+    ray.add_argument(
+        "--replicas", type=positive_int, default=2, help="engine replicas (with --ray)"
+    )
+    ray.add_argument(
+        "--replica-cpus",
+        type=positive_float,
+        default=1.0,
+        metavar="N",
+        help="Ray CPUs each engine replica reserves (with --ray; default --threads: as many)",
+    )
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """`argv`: the command line after `serve` (the replicas of --ray get its options)."""
+    if args.ray:
+        if args.engine != "llamacpp" or args.upstream:
+            raise UsageError("--ray runs the embedded engine: leave out --engine/--upstream")
+        from mars.ray.app import run_ray
+
+        return run_ray(args, argv if argv is not None else sys.argv[2:])
     if args.engine != "llamacpp" or args.upstream:
         return run_gateway_cli(args)
     keys = server_keys(args)  # before the model loads: a bad keys file is one clear error, now
