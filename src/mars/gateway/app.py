@@ -211,4 +211,5 @@ def run_gateway(config: GatewayConfig, host: str, port: int) -> None:
         port=port,
         log_level="warning",
         timeout_graceful_shutdown=5,
+        loop="asyncio",  # as mars serve's (mars.server.cli)
     )

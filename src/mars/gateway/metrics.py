@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from mars.core.events import Event
 from mars.gateway.control import Control
-from mars.gateway.upstreams import Replica, Pool
+from mars.gateway.upstreams import Pool, Replica
 from mars.server.metrics import SessionMetrics
 
 PREFIX = "mars:gateway_"

@@ -276,7 +276,14 @@ def run_serve(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     # engine shuts down instead of serving a long stream to the end.
     uv = uvicorn.Server(
         uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            # Not uvloop where it is installed (Ray Serve brings it): its subprocesses take no
+            # user=/group=, which the tools runtime drops privileges with.
+            loop="asyncio",
         )
     )
     exit_ = uv.handle_exit
