@@ -56,7 +56,7 @@ class MarsRequestRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        sid = None if pending_request is None else pending_request.kwargs.get("session_id")
+        sid = None if pending_request is None else _session(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         try:
             ref = self._actor().place.remote(sid, list(by_id))
@@ -75,3 +75,17 @@ class MarsRequestRouter(RequestRouter):
             self._actor().lost.remote(replica_id.unique_id, "its Ray actor died")
         except Exception as e:  # the control actor's own staleness check catches it later
             log.warning("could not tell mars control that %s died: %s", replica_id, e)
+
+
+def _session(pending: PendingRequest) -> str | None:
+    """The call's session: the `session_id=` keyword (mars's front), else the OpenAI request
+    object's `session_id` or `vllm_xargs["session_id"]` (Ray Serve LLM passes the request as
+    the first argument)."""
+    sid = pending.kwargs.get("session_id")
+    if sid is None and pending.args:
+        request = pending.args[0]
+        xargs = getattr(request, "vllm_xargs", None)
+        sid = getattr(request, "session_id", None)
+        if sid is None and isinstance(xargs, dict):
+            sid = xargs.get("session_id")
+    return None if sid is None else str(sid)
