@@ -119,7 +119,13 @@ def run_ray(args: argparse.Namespace, serve_argv: list[str]) -> int:
     if args.ray == "local":
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace=NAMESPACE)
     else:
-        ray.init(address=args.ray, namespace=NAMESPACE)
+        try:
+            ray.init(address=args.ray, namespace=NAMESPACE)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise UsageError(
+                f"--ray {args.ray}: cannot join that Ray cluster ({e}); start one with "
+                "`ray start --head`, or give --ray local"
+            ) from None
     start_control(control)
     serve.start(http_options={"host": args.host, "port": args.port})
     print(
