@@ -4,6 +4,7 @@ keyword of mars's front, or the OpenAI request object that Ray Serve LLM passes.
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -16,7 +17,8 @@ from mars.ray.router import _session
 
 
 def pending(*args: object, **kwargs: object) -> PendingRequest:
-    return PendingRequest(list(args), dict(kwargs), metadata=None)  # type: ignore[arg-type]
+    """What the router reads of Ray's `PendingRequest` (whose future needs a running loop)."""
+    return cast(PendingRequest, SimpleNamespace(args=list(args), kwargs=dict(kwargs)))
 
 
 def test_the_session_comes_from_the_keyword_or_the_request_object() -> None:

@@ -14,8 +14,8 @@ replica.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import queue
 import tempfile
 import threading
 from collections.abc import AsyncIterator
@@ -40,16 +40,31 @@ class MarsEngine:
         from ray import serve
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._stack = contextlib.ExitStack()
         log = Path(tempfile.mkdtemp(prefix="mars-ray-")) / "serve.log"
-        self.base = self._stack.enter_context(mars_server(serve_args, log))
         self.log_path = log
+        self._stop = threading.Event()
+        # The server is started, and kept, by a thread of its own: it dies with the thread that
+        # spawned it (PDEATHSIG), and Ray may construct a replica on a thread that then ends.
+        started: queue.Queue[str | BaseException] = queue.Queue()
+        self._keeper = threading.Thread(target=self._keep, args=(serve_args, started), daemon=True)
+        self._keeper.start()
+        base = started.get()
+        if isinstance(base, BaseException):
+            raise base
+        self.base = base
         self._client = httpx.AsyncClient(base_url=self.base, timeout=httpx.Timeout(timeout_s))
         self._control = ray.get_actor(NAME, namespace=NAMESPACE)
         self._metrics = ""
-        self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report, daemon=True)
         self._reporter.start()
+
+    def _keep(self, serve_args: list[str], started: queue.Queue[str | BaseException]) -> None:
+        try:
+            with mars_server(serve_args, self.log_path) as base:
+                started.put(base)
+                self._stop.wait()
+        except BaseException as e:  # a bad option, a model that does not load: the replica's
+            started.put(e)
 
     def _report(self) -> None:
         with httpx.Client(base_url=self.base, timeout=5.0) as client:
@@ -88,7 +103,7 @@ class MarsEngine:
         return {"kv_usage": signal.kv_usage, "waiting": signal.waiting, "pid": os.getpid()}
 
     async def check_health(self) -> None:
-        if not self._reporter.is_alive():
+        if not self._keeper.is_alive() or not self._reporter.is_alive():
             raise RuntimeError("the replica's reporter thread stopped")
         try:
             await self._client.get("/health", timeout=10.0)
@@ -97,4 +112,4 @@ class MarsEngine:
 
     def __del__(self) -> None:
         self._stop.set()
-        self._stack.close()
+        self._keeper.join(40)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -165,6 +165,8 @@ def create_front(config: FrontConfig) -> FastAPI:
                 error = APIError(502, str(e), code="replica_died", headers={"Retry-After": "1"})
                 yield _error_event(error.body())
             finally:
+                # A client that left: the replica's call is cancelled, not run to its end.
+                await cast(AsyncGenerator[bytes, None], chunks).aclose()
                 await finished(turn_id, ok, tail)
 
         headers = {"X-Session-ID": sid, "Cache-Control": "no-cache"}
