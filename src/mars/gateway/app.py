@@ -9,7 +9,6 @@ server's rules, `mars.server.sessions`), held until the policy admits the sessio
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -36,7 +35,6 @@ from mars.server.eventstream import EventStream
 from mars.server.metrics import CONTENT_TYPE
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest
 from mars.server.responses import Activity
-from mars.server.sessions import chat_opening
 from mars.server.tenants import Keys
 
 log = logging.getLogger("mars.gateway")
@@ -174,22 +172,11 @@ def create_gateway(config: GatewayConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Response:
-        tokens = len(json.dumps(body.messages, default=str)) // 4
-        limit = body.max_completion_tokens or body.max_tokens
-        info = CallInfo("/v1/chat/completions", chat_opening(body.messages), tokens, limit)
-        return await state["s"].calls.handle(body, request, info)
+        return await state["s"].calls.handle(body, request, CallInfo.chat(body))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            opening: Any = prompt[:64]
-            tokens = len(prompt)
-        else:
-            text = prompt if isinstance(prompt, str) else "".join(map(str, prompt))
-            opening, tokens = text[:256], len(text) // 4
-        info = CallInfo("/v1/completions", opening, tokens, body.max_tokens)
-        return await state["s"].calls.handle(body, request, info)
+        return await state["s"].calls.handle(body, request, CallInfo.completion(body))
 
     return app
 

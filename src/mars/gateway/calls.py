@@ -22,9 +22,9 @@ from mars.core.request import Request as Call
 from mars.gateway.control import Control
 from mars.gateway.proxy import Extras, Proxy
 from mars.server.disconnect import unless_gone
-from mars.server.protocol import APIError, _Body
+from mars.server.protocol import APIError, ChatRequest, CompletionRequest, _Body
 from mars.server.responses import Activity, overloaded
-from mars.server.sessions import func_calls, is_last_step, session_of
+from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
 
 
 @runtime_checkable
@@ -42,6 +42,23 @@ class CallInfo:
     opening: Any  # what a session fingerprint hashes when the call names no session
     prompt_tokens: int  # estimated
     max_tokens: int | None
+
+    @staticmethod
+    def chat(body: ChatRequest) -> CallInfo:
+        tokens = len(json.dumps(body.messages, default=str)) // 4
+        limit = body.max_completion_tokens or body.max_tokens
+        return CallInfo("/v1/chat/completions", chat_opening(body.messages), tokens, limit)
+
+    @staticmethod
+    def completion(body: CompletionRequest) -> CallInfo:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            opening: Any = prompt[:64]
+            tokens = len(prompt)
+        else:
+            text = prompt if isinstance(prompt, str) else "".join(map(str, prompt))
+            opening, tokens = text[:256], len(text) // 4
+        return CallInfo("/v1/completions", opening, tokens, body.max_tokens)
 
 
 class Calls:

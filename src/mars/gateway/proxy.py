@@ -117,7 +117,7 @@ class Proxy:
             finally:
                 await upstream.aclose()
             response = _relay_whole(replica, upstream, content, headers)
-            done(_usage(content) if upstream.is_success else None, upstream.is_success)
+            done(answer_usage(content) if upstream.is_success else None, upstream.is_success)
             return Answer(response, replica)
         headers["Cache-Control"] = "no-cache"
         media = upstream.headers.get("content-type", "text/event-stream")
@@ -227,7 +227,7 @@ class Proxy:
             yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
         finally:
             await upstream.aclose()
-            done(_stream_usage(tail), ok)
+            done(stream_usage(tail), ok)
 
 
 def _relay_whole(
@@ -252,7 +252,7 @@ def _retry_after(upstream: httpx.Response) -> float | None:
     return min(5.0, seconds) if seconds >= 0 else None
 
 
-def _usage(content: bytes) -> dict[str, Any] | None:
+def answer_usage(content: bytes) -> dict[str, Any] | None:
     try:
         usage = json.loads(content).get("usage")
     except (ValueError, AttributeError):
@@ -260,9 +260,9 @@ def _usage(content: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _stream_usage(tail: bytes) -> dict[str, Any] | None:
+def stream_usage(tail: bytes) -> dict[str, Any] | None:
     """The usage of the stream's last event that has one (`stream_options.include_usage`)."""
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
-            return _usage(line[6:])
+            return answer_usage(line[6:])
     return None

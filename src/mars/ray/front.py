@@ -26,12 +26,14 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from mars.gateway.calls import CallInfo
+from mars.gateway.proxy import answer_usage, stream_usage
 from mars.ray.control import NAME, NAMESPACE
 from mars.server.app import _Guard, install_error_handlers
 from mars.server.disconnect import unless_gone
 from mars.server.metrics import CONTENT_TYPE
 from mars.server.protocol import APIError, ChatRequest, CompletionRequest, _Body
-from mars.server.sessions import chat_opening, func_calls, is_last_step, session_of
+from mars.server.sessions import func_calls, is_last_step, session_of
 from mars.server.tenants import Keys
 
 log = logging.getLogger("mars.ray")
@@ -96,11 +98,11 @@ def create_front(config: FrontConfig) -> FastAPI:
         content = b"".join([c async for c in chunks])
         return Response(content, status, headers=_kept(headers))
 
-    async def call(body: _Body, request: Request, path: str, opening: Any, tokens: int) -> Response:
-        sid = session_of(body, request.headers, opening)
+    async def call(body: _Body, request: Request, info: CallInfo) -> Response:
+        sid = session_of(body, request.headers, info.opening)
         last = is_last_step(body, request.headers)
         tool = func_calls(body, request.headers)[1]
-        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens or 256
+        tokens, limit, path = info.prompt_tokens, info.max_tokens or 256, info.path
         admission = await control.arrive.remote(sid, tokens)
         _check(admission)
 
@@ -134,7 +136,7 @@ def create_front(config: FrontConfig) -> FastAPI:
                 except _Died as e:
                     raise APIError(502, str(e), code="replica_died") from None
                 finally:
-                    await finished(turn_id, ok, content[-16384:])
+                    await finished(turn_id, ok, content)
                 return Response(content, status, headers=_kept(headers))
 
             answer = await unless_gone(request, plain())
@@ -174,20 +176,11 @@ def create_front(config: FrontConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest, request: Request) -> Response:
-        tokens = len(json.dumps(body.messages, default=str)) // 4
-        opening = chat_opening(body.messages)
-        return await call(body, request, "/v1/chat/completions", opening, tokens)
+        return await call(body, request, CallInfo.chat(body))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            opening: Any = prompt[:64]
-            tokens = len(prompt)
-        else:
-            text = prompt if isinstance(prompt, str) else "".join(map(str, prompt))
-            opening, tokens = text[:256], len(text) // 4
-        return await call(body, request, "/v1/completions", opening, tokens)
+        return await call(body, request, CallInfo.completion(body))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -281,17 +274,7 @@ def _kept(headers: dict[str, str]) -> dict[str, str]:
 
 def _usage(tail: bytes) -> dict[str, Any] | None:
     """The usage in a whole answer, or in a stream's last event that has one."""
-    for piece in [tail, *reversed(tail.split(b"\n"))]:
-        text = piece[6:] if piece.startswith(b"data: ") else piece
-        if b'"usage"' not in text:
-            continue
-        try:
-            usage = json.loads(text).get("usage")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(usage, dict):
-            return usage
-    return None
+    return answer_usage(tail) or stream_usage(tail)
 
 
 def _error_event(error: dict[str, Any]) -> bytes:
